@@ -1,0 +1,297 @@
+"""FUNIT networks (Liu et al. 2019) in plain PyTorch, in the official state-dict layout (SPEC §2).
+
+Module names mirror NVlabs/FUNIT (`enc_content.model.0.conv.weight`, ...) so an official
+generator file loads with `strict=True` and our files load into FUNIT's code. Unlike FUNIT, the
+decoder takes its AdaIN parameters as an argument instead of having them assigned onto modules.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import adain_ref
+from .weights import load_checked
+
+
+def _activate(x: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu":
+        return F.relu(x)
+    if act == "lrelu":
+        return F.leaky_relu(x, 0.2)
+    if act == "tanh":
+        return torch.tanh(x)
+    return x
+
+
+class AdaptiveInstanceNorm2d(nn.Module):
+    """Holds FUNIT's AdaIN buffers so the key layout matches; they are never read (FUNIT's AdaIN
+    always normalises with instance statistics). The weight/bias come from the MLP per call."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+
+class Conv2dBlock(nn.Module):
+    """[act] -> pad -> conv -> [norm] -> [act], FUNIT's Conv2dBlock.
+
+    norm: "none" | "in" (instance norm, no affine) | "adain" (weight/bias given per call).
+    Padding is reflect (FUNIT's generator and D) or zero (D's 1x1 convs have none).
+    """
+
+    def __init__(self, cin, cout, k, stride=1, padding=0, *, norm="none", act="relu",
+                 act_first=False, bias=True):
+        super().__init__()
+        self.padding, self.norm_kind, self.act, self.act_first = padding, norm, act, act_first
+        self.conv = nn.Conv2d(cin, cout, k, stride, bias=bias)
+        if norm == "adain":
+            self.norm = AdaptiveInstanceNorm2d(cout)
+
+    def forward(self, x, style: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if self.act_first:
+            x = _activate(x, self.act)
+        if self.padding:
+            x = F.pad(x, (self.padding,) * 4, mode="reflect")
+        x = self.conv(x)
+        post_act = "none" if self.act_first else self.act
+        if self.norm_kind == "in":
+            return adain_ref(x, act=post_act)
+        if self.norm_kind == "adain":
+            weight, bias = style
+            return adain_ref(x, weight, bias, act=post_act)
+        return _activate(x, post_act)
+
+
+class ResBlock(nn.Module):
+    """conv3x3 -> norm -> ReLU -> conv3x3 -> norm, plus the identity skip."""
+
+    def __init__(self, dim, norm):
+        super().__init__()
+        self.model = nn.Sequential(
+            Conv2dBlock(dim, dim, 3, 1, 1, norm=norm, act="relu"),
+            Conv2dBlock(dim, dim, 3, 1, 1, norm=norm, act="none"),
+        )
+
+    def forward(self, x, styles=(None, None)):
+        return self.model[1](self.model[0](x, styles[0]), styles[1]) + x
+
+
+class ResBlocks(nn.Module):
+    def __init__(self, n, dim, norm):
+        super().__init__()
+        self.model = nn.Sequential(*[ResBlock(dim, norm) for _ in range(n)])
+
+    def forward(self, x, styles=None):
+        for i, block in enumerate(self.model):
+            x = block(x, (None, None) if styles is None else styles[2 * i: 2 * i + 2])
+        return x
+
+
+class ContentEncoder(nn.Module):
+    """7x7 conv, `downs` stride-2 4x4 convs (width doubling), ResBlocks; all IN + ReLU."""
+
+    def __init__(self, downs, n_res, dim):
+        super().__init__()
+        layers = [Conv2dBlock(3, dim, 7, 1, 3, norm="in", act="relu")]
+        for _ in range(downs):
+            layers.append(Conv2dBlock(dim, 2 * dim, 4, 2, 1, norm="in", act="relu"))
+            dim *= 2
+        layers.append(ResBlocks(n_res, dim, "in"))
+        self.model = nn.Sequential(*layers)
+        self.output_dim = dim
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class ClassEncoder(nn.Module):
+    """No norm: 7x7 conv, two width-doubling downs, `downs - 2` more downs, global pool, 1x1 conv."""
+
+    def __init__(self, downs, dim, latent_dim):
+        super().__init__()
+        layers = [Conv2dBlock(3, dim, 7, 1, 3, act="relu")]
+        for _ in range(2):
+            layers.append(Conv2dBlock(dim, 2 * dim, 4, 2, 1, act="relu"))
+            dim *= 2
+        for _ in range(downs - 2):
+            layers.append(Conv2dBlock(dim, dim, 4, 2, 1, act="relu"))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, latent_dim, 1, 1, 0)]
+        self.model = nn.Sequential(*layers)
+        self.out_dim = latent_dim
+
+    def forward(self, x):
+        return self.model(x).flatten(1)
+
+
+class Decoder(nn.Module):
+    """AdaIN ResBlocks, then `ups` x [nearest up x2, 5x5 conv, IN, ReLU], then 7x7 conv + tanh."""
+
+    def __init__(self, ups, n_res, dim):
+        super().__init__()
+        layers = [ResBlocks(n_res, dim, "adain")]
+        for _ in range(ups):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       Conv2dBlock(dim, dim // 2, 5, 1, 2, norm="in", act="relu")]
+            dim //= 2
+        layers.append(Conv2dBlock(dim, 3, 7, 1, 3, act="tanh"))
+        self.model = nn.Sequential(*layers)
+
+    def adain_layers(self) -> list[AdaptiveInstanceNorm2d]:
+        return [m for m in self.modules() if isinstance(m, AdaptiveInstanceNorm2d)]
+
+    def num_adain_params(self) -> int:
+        return sum(2 * m.num_features for m in self.adain_layers())
+
+    def split_adain_params(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Slice the MLP output per AdaIN layer in module order; each slice is [bias | weight]
+        (FUNIT's assign_adain_params), used raw."""
+        styles, offset = [], 0
+        for m in self.adain_layers():
+            n = m.num_features
+            bias, weight = params[:, offset: offset + n], params[:, offset + n: offset + 2 * n]
+            styles.append((weight, bias))
+            offset += 2 * n
+        return styles
+
+    def forward(self, content, adain_params):
+        x = self.model[0](content, self.split_adain_params(adain_params))
+        for layer in self.model[1:]:
+            x = layer(x)
+        return x
+
+
+class LinearBlock(nn.Module):
+    def __init__(self, cin, cout, act):
+        super().__init__()
+        self.fc = nn.Linear(cin, cout)
+        self.act = act
+
+    def forward(self, x):
+        return _activate(self.fc(x), self.act)
+
+
+class MLP(nn.Module):
+    def __init__(self, cin, cout, dim, n_blk):
+        super().__init__()
+        layers = [LinearBlock(cin, dim, "relu")]
+        layers += [LinearBlock(dim, dim, "relu") for _ in range(n_blk - 2)]
+        layers.append(LinearBlock(dim, cout, "none"))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.model(x.flatten(1))
+
+
+def init_kaiming(module: nn.Module) -> None:
+    """FUNIT's init: kaiming normal (fan_in, a=0) on every conv/linear weight, zero bias."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """FUNIT's FewShotGen with explicit style passing. Defaults = the animal-faces config.
+
+    `class_encoder`: an optional replacement for FUNIT's class encoder (CycleFUNIT's frozen
+    identity encoder); it must have an `out_dim` attribute, and the MLP input follows it.
+    """
+
+    def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
+                 n_downs_content=3, n_downs_class=4, class_encoder: nn.Module | None = None):
+        super().__init__()
+        self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
+        self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf)
+        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim)
+        self.mlp = MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
+        for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
+            init_kaiming(part)
+
+    def encode_content(self, x):
+        """(B, 3, H, W) -> content code (B, nf * 2^downs, H / 2^downs, W / 2^downs)."""
+        return self.enc_content(x)
+
+    def encode_class(self, x):
+        """(B, 3, H, W) -> class code (B, latent_dim)."""
+        return self.enc_class_model(x)
+
+    def decode(self, content, class_code):
+        return self.dec(content, self.mlp(class_code))
+
+    def forward(self, x_content, x_class):
+        return self.decode(self.encode_content(x_content), self.encode_class(x_class))
+
+
+def load_official_generator(gen: Generator, path: str | os.PathLike, which: str = "gen_test") -> None:
+    """Load an official FUNIT generator file ({'gen': sd, 'gen_test': sd}) into `gen`.
+
+    `which="gen_test"` takes the EMA weights FUNIT uses for inference. Never runs pickled code.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(which), dict):
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a FUNIT generator file: expected a dict with key {which!r}, "
+                         f"found {keys}")
+    load_checked(gen, ckpt[which], f"{os.fspath(path)} [{which}]", "FUNIT generator")
+
+
+class ActFirstResBlock(nn.Module):
+    """FUNIT's pre-activation residual block (LeakyReLU 0.2, reflect padding, no norm).
+
+    Reproduces the original in-place activation: with an identity shortcut the block returns
+    lrelu(x) + residual(x) (FUNIT's in-place LeakyReLU rewrote x before the add); with a learned
+    shortcut, conv_s sees the un-activated x.
+    """
+
+    def __init__(self, fin, fout):
+        super().__init__()
+        self.learned_shortcut = fin != fout
+        fhid = min(fin, fout)
+        self.conv_0 = Conv2dBlock(fin, fhid, 3, 1, 1, act="lrelu", act_first=True)
+        self.conv_1 = Conv2dBlock(fhid, fout, 3, 1, 1, act="lrelu", act_first=True)
+        if self.learned_shortcut:
+            self.conv_s = Conv2dBlock(fin, fout, 1, 1, act="none", bias=False)
+
+    def forward(self, x):
+        shortcut = self.conv_s(x) if self.learned_shortcut else F.leaky_relu(x, 0.2)
+        return shortcut + self.conv_1(self.conv_0(x))
+
+
+class Discriminator(nn.Module):
+    """FUNIT's GPPatchMcResDis: a multi-class patch discriminator.
+
+    `D(x, y)` returns `(resp, feat)`: resp (B, H/16, W/16) is the patch map of each sample's own
+    class y[b]; feat = lrelu(cnn_f(x)) (B, 1024, H/16, W/16) are the features for feature matching
+    (the original in-place LeakyReLU of cnn_c rewrote the returned features).
+    """
+
+    def __init__(self, num_classes: int, nf: int = 64, n_res_blks: int = 10):
+        super().__init__()
+        if n_res_blks % 2:
+            raise ValueError(f"Discriminator: n_res_blks must be even, got {n_res_blks}")
+        layers = [Conv2dBlock(3, nf, 7, 1, 3, act="none")]
+        for _ in range(n_res_blks // 2 - 1):
+            nf_out = min(nf * 2, 1024)
+            layers += [ActFirstResBlock(nf, nf), ActFirstResBlock(nf, nf_out),
+                       nn.ReflectionPad2d(1), nn.AvgPool2d(kernel_size=3, stride=2)]
+            nf = nf_out
+        nf_out = min(nf * 2, 1024)
+        layers += [ActFirstResBlock(nf, nf), ActFirstResBlock(nf, nf_out)]
+        self.cnn_f = nn.Sequential(*layers)
+        self.cnn_c = nn.Sequential(Conv2dBlock(nf_out, num_classes, 1, 1, act="lrelu", act_first=True))
+        self.num_classes = num_classes
+        init_kaiming(self)
+
+    def forward(self, x, y):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"Discriminator: {x.shape[0]} images but {y.shape[0]} labels")
+        feat = F.leaky_relu(self.cnn_f(x), 0.2)
+        out = self.cnn_c[0].conv(feat)  # cnn_c's own LeakyReLU is the one applied to feat
+        resp = out[torch.arange(out.shape[0], device=out.device), y]
+        return resp, feat

@@ -1,0 +1,87 @@
+"""The G2G cross-training wiring (SPEC §1), for any model with
+`encode_content(x)` (E_A), `encode_class(x)` (E_B) and `decode(content, class_code)` (G).
+
+Disassembly: m1 = G(E_A(x1), E_B(x2)), m2 = G(E_A(x2), E_B(x1)).
+Reassembly:  r1 = G(E_A(m1), E_B(m2)) ~ x1, r2 = G(E_A(m2), E_B(m1)) ~ x2.
+Short:       s1 = G(E_A(x1), E_B(x1)),  s2 = G(E_A(x2), E_B(x2)).
+
+Each stage calls each encoder once on [x1; x2] (resp. [m1; m2]) and the decoder once on all of
+the stage's outputs. For FUNIT's networks (per-sample ops only) this equals calling them image
+by image; for the naive approach's BatchNorm encoders it *defines* the batch statistics: those of
+the stage's images, so every implementation (reference or fast) computes the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def make_pairs(x: torch.Tensor, y: torch.Tensor, pairing: str = "halves"):
+    """Split a batch into pairs -> (x1, y1, x2, y2).
+
+    "halves": pair j = (x[j], x[j + B/2]) (the original code); "chain": pair i = (x[i], x[i+1]),
+    i = 0..B-2 (the paper's sums).
+    """
+    B = x.shape[0]
+    if B < 2 or B % 2:
+        raise ValueError(f"G2G needs an even batch of at least 2 images, got {B}")
+    if pairing == "halves":
+        h = B // 2
+        return x[:h], y[:h], x[h:], y[h:]
+    if pairing == "chain":
+        return x[:-1], y[:-1], x[1:], y[1:]
+    raise ValueError(f"pairing must be 'halves' or 'chain', got {pairing!r}")
+
+
+@dataclass
+class G2GOutputs:
+    x1: torch.Tensor
+    x2: torch.Tensor
+    a1: torch.Tensor    # E_A(x1): content codes of the originals
+    a2: torch.Tensor
+    b1: torch.Tensor    # E_B(x1): class codes of the originals
+    b2: torch.Tensor
+    m1: torch.Tensor    # content of x1, class of x2
+    m2: torch.Tensor    # content of x2, class of x1
+    s1: torch.Tensor | None = None   # short reconstructions (when requested)
+    s2: torch.Tensor | None = None
+    am1: torch.Tensor | None = None  # E_A(m1), ... codes of the mixes (reassembly only)
+    am2: torch.Tensor | None = None
+    bm1: torch.Tensor | None = None
+    bm2: torch.Tensor | None = None
+    r1: torch.Tensor | None = None   # two-stage reconstructions
+    r2: torch.Tensor | None = None
+
+
+def _encode(model, x1, x2):
+    """Both encoders once over [x1; x2]; returns (content1, content2, class1, class2)."""
+    n = x1.shape[0]
+    x = torch.cat([x1, x2])
+    a, b = model.encode_content(x), model.encode_class(x)
+    return a[:n], a[n:], b[:n], b[n:]
+
+
+def disassemble(model, x1, x2, short: bool = False) -> G2GOutputs:
+    """Stage 1: encode both images, decode the two mixes (and the short reconstructions)."""
+    n = x1.shape[0]
+    a1, a2, b1, b2 = _encode(model, x1, x2)
+    contents, classes = [a1, a2], [b2, b1]            # m1 = G(a1, b2), m2 = G(a2, b1)
+    if short:
+        contents, classes = contents + [a1, a2], classes + [b1, b2]   # s1 = G(a1, b1), s2 = G(a2, b2)
+    out = model.decode(torch.cat(contents), torch.cat(classes))
+    o = G2GOutputs(x1=x1, x2=x2, a1=a1, a2=a2, b1=b1, b2=b2, m1=out[:n], m2=out[n:2 * n])
+    if short:
+        o.s1, o.s2 = out[2 * n:3 * n], out[3 * n:]
+    return o
+
+
+def g2g_forward(model, x1, x2, short: bool = False) -> G2GOutputs:
+    """Both stages: disassembly (mixes, optional short reconstructions), then reassembly."""
+    o = disassemble(model, x1, x2, short=short)
+    n = x1.shape[0]
+    o.am1, o.am2, o.bm1, o.bm2 = _encode(model, o.m1, o.m2)
+    # r1 takes m1's content (x1's) and m2's class (x1's); r2 the other way round.
+    r = model.decode(torch.cat([o.am1, o.am2]), torch.cat([o.bm2, o.bm1]))
+    o.r1, o.r2 = r[:n], r[n:]
+    return o

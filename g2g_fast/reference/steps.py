@@ -1,0 +1,293 @@
+"""Per-approach training steps (SPEC §2-§5): networks, optimisers, the D step (with R1 where the
+approach has it), the G step and the EMA update.
+
+Each iteration is `train_step(x, y)`: D step, then G step on the same batch, then EMA. Losses are
+returned as a dict of detached scalar tensors (no host synchronisation here; the caller decides
+when to call `.item()`). Seeding is the caller's job (`torch.manual_seed` before construction).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import BaseConfig, CycleFunitConfig, Funit2FunitConfig, NaiveConfig
+from .funit import Discriminator, Generator, load_official_generator
+from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs
+from .identity import IdentityEncoder
+from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hinge_g, lsgan, r1_penalty
+from .naive import NaiveModel
+from .patchgan import PatchDiscriminator
+from .vgg import VGGPerceptual, perceptual_l1
+
+log = logging.getLogger("g2g_fast")
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """p_ema = beta * p_ema + (1 - beta) * p over parameters; buffers are copied."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - beta)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    return sum(weights[k] * v for k, v in terms.items())
+
+
+class Approach:
+    """Base class: owns gen (+ gen_ema) and dis (or None), their optimisers and the step count."""
+
+    config_class: type[BaseConfig] = BaseConfig
+    uses_short = True  # whether the G step needs the short reconstructions s_i
+
+    def __init__(self, cfg: BaseConfig, num_classes: int, device: str | torch.device = "cpu"):
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        cfg.validate()
+        if num_classes < 2:
+            raise ValueError(f"G2G needs at least 2 classes in the data, got {num_classes}")
+        self.cfg, self.num_classes, self.device = cfg, num_classes, torch.device(device)
+        self.step = 0
+        self.gen, self.dis = self.build_networks()
+        self.gen.to(self.device)
+        if self.dis is not None:
+            self.dis.to(self.device)
+        # The EMA copy is taken after initialisation (and after loading pretrained weights).
+        self.gen_ema = None
+        if cfg.ema_beta > 0:
+            self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False)
+        self.opt_g, self.opt_d = self.build_optimizers()
+
+    # --- to be provided by each approach -------------------------------------------------
+    def build_networks(self) -> tuple[nn.Module, nn.Module | None]:
+        raise NotImplementedError
+
+    def build_optimizers(self):
+        raise NotImplementedError
+
+    def d_loss(self, x, y, x1, y1, x2, y2, m1, m2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def g_loss(self, o: G2GOutputs, y1, y2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    # --- the phases ----------------------------------------------------------------------
+    def d_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
+        with torch.no_grad():
+            o = disassemble(self.gen, x1, x2)
+        loss, terms = self.d_loss(x, y, x1, y1, x2, y2, o.m1, o.m2)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return {**{k: v.detach() for k, v in terms.items()}, "d_total": loss.detach()}
+
+    def g_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
+        # D's weight gradients in the G step would be discarded by the next D step: not
+        # computing them is exact and saves that work (SPEC §7).
+        if self.dis is not None:
+            self.dis.requires_grad_(False)
+        try:
+            o = g2g_forward(self.gen, x1, x2, short=self.uses_short)
+            loss, terms = self.g_loss(o, y1, y2)
+            self.opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_g.step()
+        finally:
+            if self.dis is not None:
+                self.dis.requires_grad_(True)
+        return {**{k: v.detach() for k, v in terms.items()}, "g_total": loss.detach()}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = self.d_step(x, y) if self.dis is not None else {}
+        losses.update(self.g_step(x, y))
+        if self.gen_ema is not None:
+            ema_update(self.gen_ema, self.gen, self.cfg.ema_beta)
+        self.step += 1
+        return losses
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = {"step": self.step, "gen": self.gen.state_dict(), "opt_g": self.opt_g.state_dict()}
+        if self.gen_ema is not None:
+            sd["gen_test"] = self.gen_ema.state_dict()
+        if self.dis is not None:
+            sd["dis"] = self.dis.state_dict()
+            sd["opt_d"] = self.opt_d.state_dict()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = int(sd["step"])
+        self.gen.load_state_dict(sd["gen"])
+        self.opt_g.load_state_dict(sd["opt_g"])
+        if self.gen_ema is not None:
+            self.gen_ema.load_state_dict(sd["gen_test"])
+        if self.dis is not None:
+            self.dis.load_state_dict(sd["dis"])
+            self.opt_d.load_state_dict(sd["opt_d"])
+
+
+class Funit2Funit(Approach):
+    """FUNIT's generator wired twice; FUNIT's hinge GAN + R1 + feature matching + long losses."""
+
+    config_class = Funit2FunitConfig
+
+    def build_networks(self):
+        cfg = self.cfg
+        gen = Generator(**cfg.arch_kwargs())
+        if cfg.init_funit:
+            load_official_generator(gen, cfg.init_funit, cfg.init_funit_key)
+            log.info("G initialised from %s [%s]; D is fresh (no FUNIT discriminator weights were released)",
+                     cfg.init_funit, cfg.init_funit_key)
+        else:
+            log.info("G and D initialised fresh (kaiming normal)")
+        return gen, Discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
+
+    def build_optimizers(self):
+        cfg = self.cfg
+
+        def rmsprop(params, lr):
+            return torch.optim.RMSprop(params, lr=lr, alpha=cfg.rms_alpha, eps=cfg.rms_eps,
+                                       weight_decay=cfg.weight_decay)
+
+        return rmsprop(trainable(self.gen), cfg.lr_gen), rmsprop(trainable(self.dis), cfg.lr_dis)
+
+    def d_loss(self, x, y, x1, y1, x2, y2, m1, m2):
+        real, reg = [], []
+        for xi, yi in ((x1, y1), (x2, y2)):
+            xi = xi.detach().requires_grad_(True)
+            resp, _ = self.dis(xi, yi)
+            real.append(hinge_d_real(resp))
+            reg.append(r1_penalty(resp, xi))
+        # Each mix is judged on the class it carries: m1 has x2's class (label y2), m2 has y1.
+        # (The original code used the swapped labels.)
+        fake = [hinge_d_fake(self.dis(m1, y2)[0]), hinge_d_fake(self.dis(m2, y1)[0])]
+        terms = {"d_real": (real[0] + real[1]) / 2, "d_fake": (fake[0] + fake[1]) / 2,
+                 "d_r1": (reg[0] + reg[1]) / 2}
+        w = {"d_real": self.cfg.gan_w, "d_fake": self.cfg.gan_w, "d_r1": self.cfg.r1_w}
+        return weighted_total(terms, w), terms
+
+    def g_loss(self, o, y1, y2):
+        cfg, D, fm = self.cfg, self.dis, feature_matching
+        resp_m1, f_m1 = D(o.m1, y2)   # m1 carries x2's class
+        resp_m2, f_m2 = D(o.m2, y1)
+        resp_s1, f_s1 = D(o.s1, y1)
+        resp_s2, f_s2 = D(o.s2, y2)
+        _, f_r1 = D(o.r1, y1)
+        _, f_r2 = D(o.r2, y2)
+        with torch.no_grad():  # targets: real-image features carry no gradient
+            _, f_x1 = D(o.x1, y1)
+            _, f_x2 = D(o.x2, y2)
+        terms = {
+            "g_adv": (hinge_g(resp_m1) + hinge_g(resp_m2) + hinge_g(resp_s1) + hinge_g(resp_s2)) / 4,
+            "g_short": (F.l1_loss(o.s1, o.x1) + F.l1_loss(o.s2, o.x2)) / 2,
+            "g_fm_rec": (fm(f_s1, f_x1) + fm(f_s2, f_x2)) / 2,
+            "g_fm_mix": (fm(f_m1, f_x2) + fm(f_m2, f_x1)) / 2,       # mix vs the original of its class
+            "g_long": (F.l1_loss(o.r1, o.x1) + F.l1_loss(o.r2, o.x2)) / 2,
+            "g_fm_long": (fm(f_r1, f_x1) + fm(f_r2, f_x2)) / 2,
+            "g_fm_mix_rec": (fm(f_r1, f_m2) + fm(f_r2, f_m1)) / 2,   # r_i vs the mix carrying its class
+        }
+        w = {"g_adv": cfg.gan_w, "g_short": cfg.r_w, "g_fm_rec": cfg.fm_rec_w, "g_fm_mix": cfg.fm_w,
+             "g_long": cfg.rl_w, "g_fm_long": cfg.fml_w, "g_fm_mix_rec": cfg.fml_mix_rec_w}
+        return weighted_total(terms, w), terms
+
+
+class CycleFunit(Approach):
+    """FUNIT encoders/decoder + CycleGAN PatchGAN (LSGAN) + perceptual and code-cycle losses."""
+
+    config_class = CycleFunitConfig
+
+    def build_networks(self):
+        cfg = self.cfg
+        self.id_net = None
+        if cfg.class_encoder == "identity" or cfg.delta_identity > 0:
+            self.id_net = IdentityEncoder.from_file(cfg.identity_weights).to(self.device)
+        class_encoder = self.id_net if cfg.class_encoder == "identity" else None
+        gen = Generator(**cfg.arch_kwargs(), class_encoder=class_encoder)
+        if cfg.vgg_weights:
+            self.vgg = VGGPerceptual.from_file(cfg.vgg_weights).to(self.device)
+        else:
+            self.vgg = None
+            log.warning("no vgg_weights given: the perceptual loss falls back to pixel L1")
+        return gen, PatchDiscriminator(cfg.patch_nf)
+
+    def build_optimizers(self):
+        cfg = self.cfg
+        betas = (cfg.beta1, cfg.beta2)
+        return (torch.optim.Adam(trainable(self.gen), lr=cfg.lr, betas=betas),
+                torch.optim.Adam(trainable(self.dis), lr=cfg.lr, betas=betas))
+
+    def d_loss(self, x, y, x1, y1, x2, y2, m1, m2):
+        terms = {"d_real": lsgan(self.dis(x), True), "d_fake": lsgan(self.dis(torch.cat([m1, m2])), False)}
+        return 0.5 * (terms["d_real"] + terms["d_fake"]), terms
+
+    def identity_weight(self) -> float:
+        """delta_identity with its linear warm-up over the first identity_warmup_steps steps."""
+        cfg = self.cfg
+        if cfg.identity_warmup_steps <= 0:
+            return cfg.delta_identity
+        return cfg.delta_identity * min(1.0, (self.step + 1) / cfg.identity_warmup_steps)
+
+    def g_loss(self, o, y1, y2):
+        cfg = self.cfg
+
+        def P(a, b):
+            return perceptual_l1(self.vgg, a, b)
+
+        content, klass = code_cycle(o)
+        terms = {
+            "g_long": P(o.x1, o.r1) + P(o.x2, o.r2),
+            "g_short": P(o.x1, o.s1) + P(o.x2, o.s2),
+            "g_content_cycle": content,
+            "g_class_cycle": klass,
+            "g_gan": lsgan(self.dis(torch.cat([o.m1, o.m2])), True),
+        }
+        w = {"g_long": cfg.alpha_long, "g_short": cfg.alpha_short, "g_content_cycle": cfg.gamma_content,
+             "g_class_cycle": cfg.gamma_class, "g_gan": cfg.delta_gan}
+        if cfg.delta_identity > 0:
+            idn = self.id_net
+            with torch.no_grad():
+                id1, id2 = idn(o.x1), idn(o.x2)
+            terms["g_identity"] = F.l1_loss(idn(o.m2), id1) + F.l1_loss(idn(o.m1), id2)
+            w["g_identity"] = self.identity_weight()
+        return weighted_total(terms, w), terms
+
+
+class Naive(Approach):
+    """Symmetric BN encoders + LORD generator; long L1 + code cycles, no GAN (paper eq. 4)."""
+
+    config_class = NaiveConfig
+    uses_short = False
+
+    def build_networks(self):
+        return NaiveModel(self.cfg.image_size, self.cfg.code_dim), None
+
+    def build_optimizers(self):
+        cfg = self.cfg
+        return torch.optim.Adam(trainable(self.gen), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)), None
+
+    def g_loss(self, o, y1, y2):
+        content, klass = code_cycle(o)
+        terms = {"g_long": F.l1_loss(o.r1, o.x1) + F.l1_loss(o.r2, o.x2),
+                 "g_content_cycle": content, "g_class_cycle": klass}
+        w = {"g_long": 1.0, "g_content_cycle": self.cfg.gamma, "g_class_cycle": self.cfg.gamma}
+        return weighted_total(terms, w), terms
+
+
+APPROACHES: dict[str, type[Approach]] = {
+    "funit2funit": Funit2Funit, "cyclefunit": CycleFunit, "naive": Naive,
+}
+
+
+def build_approach(cfg: BaseConfig, num_classes: int, device="cpu") -> Approach:
+    return APPROACHES[cfg.approach](cfg, num_classes, device)

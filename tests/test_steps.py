@@ -1,0 +1,177 @@
+"""One D step + one G step per approach on a tiny synthetic batch (SPEC §2-§5)."""
+import copy
+
+import pytest
+import torch
+
+from g2g_fast.config import config_from_dict
+from g2g_fast.reference.g2g import disassemble, make_pairs
+from g2g_fast.reference.naive import LordGenerator
+from g2g_fast.reference.steps import build_approach, ema_update
+
+TINY_FUNIT = dict(image_size=32, batch_size=4, nf=8, nf_mlp=16, latent_dim=8)
+TINY = {
+    "funit2funit": dict(TINY_FUNIT, dis_nf=8, dis_n_res_blks=4),
+    "cyclefunit": dict(TINY_FUNIT, patch_nf=8),
+    "naive": dict(image_size=32, batch_size=4, code_dim=16, ema_beta=0.999),
+}
+
+
+def batch(B=4, size=32, classes=3):
+    x = (torch.rand(B, 3, size, size) * 2 - 1).requires_grad_(False)
+    return x, torch.arange(B) % classes
+
+
+def make(approach, num_classes=3, **overrides):
+    torch.manual_seed(0)
+    return build_approach(config_from_dict(approach, {**TINY[approach], **overrides}), num_classes)
+
+
+def assert_step_is_complete(ap, frozen=()):
+    x, y = batch()
+    ema_before = copy.deepcopy(ap.gen_ema.state_dict()) if ap.gen_ema is not None else None
+    losses = ap.train_step(x, y)
+    assert losses and all(torch.isfinite(v) for v in losses.values()), losses
+    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    nets = [ap.gen] + ([ap.dis] if ap.dis is not None else [])
+    for net in nets:
+        for name, p in net.named_parameters():
+            if id(p) in frozen_ids:
+                assert p.grad is None and not p.requires_grad, f"frozen {name} got a gradient"
+                continue
+            assert p.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name}: bad gradient"
+    if ema_before is not None:
+        moved = [k for k, v in ap.gen_ema.state_dict().items()
+                 if v.is_floating_point() and not torch.equal(v, ema_before[k])]
+        assert moved, "EMA did not move"
+    assert ap.step == 1
+    return losses
+
+
+def test_funit2funit_step():
+    losses = assert_step_is_complete(make("funit2funit"))
+    assert {"d_real", "d_fake", "d_r1", "d_total", "g_adv", "g_short", "g_fm_rec", "g_fm_mix",
+            "g_long", "g_fm_long", "g_fm_mix_rec", "g_total"} <= set(losses)
+    assert losses["d_r1"] > 0
+
+
+def test_cyclefunit_step_pixel_fallback():
+    losses = assert_step_is_complete(make("cyclefunit"))
+    assert {"d_real", "d_fake", "g_long", "g_short", "g_content_cycle", "g_class_cycle", "g_gan"} <= set(losses)
+
+
+def test_cyclefunit_step_identity_encoder_and_vgg(id_file, vgg_file):
+    ap = make("cyclefunit", class_encoder="identity", identity_weights=str(id_file[0]),
+              vgg_weights=str(vgg_file[0]), delta_identity=0.5, identity_warmup_steps=4)
+    assert ap.gen.enc_class_model is ap.id_net and ap.gen.mlp.model[0].fc.in_features == 2048
+    losses = assert_step_is_complete(ap, frozen=[ap.id_net, ap.vgg])
+    assert "g_identity" in losses and ap.vgg is not None
+    assert ap.identity_weight() == pytest.approx(0.5 * 2 / 4)  # second step of a 4-step warm-up
+
+
+def test_naive_step():
+    losses = assert_step_is_complete(make("naive"))
+    assert set(losses) == {"g_long", "g_content_cycle", "g_class_cycle", "g_total"}
+
+
+def test_naive_default_has_no_ema_and_no_discriminator():
+    ap = build_approach(config_from_dict("naive", dict(image_size=32, batch_size=4, code_dim=16)), 3)
+    assert ap.gen_ema is None and ap.dis is None and ap.opt_d is None
+    assert "gen_test" not in ap.state_dict()
+
+
+def test_d_judges_each_mix_on_the_class_it_carries():
+    """Bug fix (SPEC §3): m1 (class of x2) is judged on label y2, m2 on y1. The original code
+    swapped these labels; this test fails on that behaviour."""
+    ap = make("funit2funit", num_classes=4)
+    x, y = batch(B=4, classes=4)   # 4 distinct labels so a swap is visible
+    x1, y1, x2, y2 = make_pairs(x, y, "halves")
+    with torch.no_grad():
+        o = disassemble(ap.gen, x1, x2)
+    seen = []
+    forward = ap.dis.forward
+
+    def recording(img, lab):
+        seen.append((img.detach().clone(), lab.clone()))
+        return forward(img, lab)
+
+    ap.dis.forward = recording
+    ap.d_step(x, y)
+    labels_of = {}
+    for img, lab in seen:
+        for name, ref in (("m1", o.m1), ("m2", o.m2)):
+            if img.shape == ref.shape and torch.allclose(img, ref):
+                labels_of[name] = lab.tolist()
+    assert labels_of == {"m1": y2.tolist(), "m2": y1.tolist()}
+
+
+def test_r1_reaches_discriminator_weights():
+    """The R1 term is differentiated twice: switching its weight off changes D's gradients."""
+    x, y = batch()
+    grads = []
+    for r1_w in (10.0, 0.0):
+        ap = make("funit2funit", r1_w=r1_w)
+        ap.d_step(x, y)
+        grads.append(ap.dis.cnn_f[0].conv.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_g_step_leaves_discriminator_gradients_alone():
+    ap = make("funit2funit")
+    x, y = batch()
+    ap.d_step(x, y)
+    before = {n: p.grad.clone() for n, p in ap.dis.named_parameters()}
+    ap.g_step(x, y)
+    for n, p in ap.dis.named_parameters():
+        assert torch.equal(p.grad, before[n]), n
+        assert p.requires_grad
+
+
+def test_ema_update_formula():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.999 * pa.detach() + 0.001 * pb.detach() for pa, pb in zip(a.parameters(), b.parameters())]
+    ema_update(a, b, 0.999)
+    for pa, e in zip(a.parameters(), expected):
+        torch.testing.assert_close(pa.detach(), e)
+
+
+def test_lord_generator_reaches_dark_pixels():
+    """Bug fix (SPEC §5): the output ends in tanh, so images in [-1, 1] can be reproduced; the
+    original sigmoid could never go below 0."""
+    g = LordGenerator(image_size=32, code_dim=16)
+    with torch.no_grad():
+        g.last_conv_layers[-1].bias.fill_(-10.0)
+    out = g(torch.randn(2, 16), torch.randn(2, 16))
+    assert out.min() >= -1 and out.max() < -0.99
+
+
+def test_init_from_official_funit_file(tmp_path):
+    ap = make("funit2funit")
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ap.gen.state_dict().items()}
+    path = tmp_path / "gen.pt"
+    torch.save({"gen": sd, "gen_test": sd}, path)
+    ap2 = make("funit2funit", init_funit=str(path))
+    for k, v in sd.items():
+        assert torch.equal(ap2.gen.state_dict()[k], v) and torch.equal(ap2.gen_ema.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("approach", ["funit2funit", "naive"])
+def test_state_dict_round_trip_continues_identically(approach):
+    x, y = batch()
+    ap = make(approach)
+    ap.train_step(x, y)
+    state = copy.deepcopy(ap.state_dict())
+    expected = ap.train_step(x, y)
+    ap2 = make(approach, seed=1)
+    ap2.load_state_dict(state)
+    got = ap2.train_step(x, y)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="num_classes|2 classes"):
+        build_approach(config_from_dict("naive", TINY["naive"]), num_classes=1)
+    with pytest.raises(ValueError, match="identity_weights"):
+        config_from_dict("cyclefunit", dict(TINY["cyclefunit"], class_encoder="identity"))
