@@ -40,6 +40,8 @@ class FunitArchConfig(BaseConfig):
     n_mlp_blks: int = 3          # linear layers in that MLP
     n_downs_content: int = 3     # content code at H/8 x W/8 (CycleFUNIT may use 4 or 5)
     n_downs_class: int = 4       # stride-2 convs in the class encoder
+    init_funit: str | None = None  # official FUNIT generator file for the initial G (D stays fresh)
+    init_funit_key: str = "gen_test"  # which generator of that file: "gen_test" (EMA) or "gen"
 
     def arch_kwargs(self) -> dict[str, int]:
         names = ("nf", "n_res_blks", "nf_mlp", "latent_dim", "n_mlp_blks", "n_downs_content", "n_downs_class")
@@ -71,8 +73,6 @@ class Funit2FunitConfig(FunitArchConfig):
     weight_decay: float = 1e-4   # RMSprop weight decay (FUNIT)
     rms_alpha: float = 0.99      # RMSprop smoothing constant (PyTorch default, FUNIT)
     rms_eps: float = 1e-8        # RMSprop eps (PyTorch default, FUNIT)
-    init_funit: str | None = None  # official FUNIT generator file for the initial G (D stays fresh)
-    init_funit_key: str = "gen_test"  # which generator of that file: "gen_test" (EMA) or "gen"
 
 
 @dataclass

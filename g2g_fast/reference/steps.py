@@ -7,6 +7,7 @@ when to call `.item()`). Seeding is the caller's job (`torch.manual_seed` before
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -22,8 +23,11 @@ from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hi
 from .naive import NaiveModel
 from .patchgan import PatchDiscriminator
 from .vgg import VGGPerceptual, perceptual_l1
+from .weights import load_checked
 
 log = logging.getLogger("g2g_fast")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -43,19 +47,37 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) ->
     return sum(weights[k] * v for k, v in terms.items())
 
 
+def init_generator(gen: Generator, cfg) -> Generator:
+    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given."""
+    if cfg.init_funit:
+        load_official_generator(gen, cfg.init_funit, cfg.init_funit_key)
+        log.info("G initialised from %s [%s]; the discriminator is fresh (no FUNIT discriminator "
+                 "weights were released)", cfg.init_funit, cfg.init_funit_key)
+    else:
+        log.info("G and D initialised fresh")
+    return gen
+
+
 class Approach:
     """Base class: owns gen (+ gen_ema) and dis (or None), their optimisers and the step count."""
 
     config_class: type[BaseConfig] = BaseConfig
     uses_short = True  # whether the G step needs the short reconstructions s_i
 
-    def __init__(self, cfg: BaseConfig, num_classes: int, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: BaseConfig, num_classes: int, device: str | torch.device = "cpu",
+                 precision: str = "fp32", skip_nonfinite: bool = False):
         if not isinstance(cfg, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
         cfg.validate()
         if num_classes < 2:
             raise ValueError(f"G2G needs at least 2 classes in the data, got {num_classes}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.cfg, self.num_classes, self.device = cfg, num_classes, torch.device(device)
+        self.precision, self.amp_dtype = precision, PRECISIONS[precision]
+        # nan_policy "skip": a step whose loss is not finite applies no update (costs one host
+        # sync per phase); otherwise the caller checks the returned losses.
+        self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         self.step = 0
         self.gen, self.dis = self.build_networks()
         self.gen.to(self.device)
@@ -66,6 +88,10 @@ class Approach:
         if cfg.ema_beta > 0:
             self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False)
         self.opt_g, self.opt_d = self.build_optimizers()
+        # fp16 needs loss scaling (bf16 has fp32's range and does not).
+        fp16 = precision == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.scaler_d = torch.amp.GradScaler(self.device.type) if fp16 and self.dis is not None else None
 
     # --- to be provided by each approach -------------------------------------------------
     def build_networks(self) -> tuple[nn.Module, nn.Module | None]:
@@ -81,15 +107,33 @@ class Approach:
         raise NotImplementedError
 
     # --- the phases ----------------------------------------------------------------------
+    def autocast(self):
+        """Mixed precision for the forward passes; fp32 runs without autocast."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _update(self, loss: torch.Tensor, opt, scaler) -> None:
+        """Backward and optimiser step (loss-scaled under fp16); skipped for a non-finite loss
+        when skip_nonfinite is set."""
+        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
+            self.skipped += 1
+            return
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
     def d_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
-        with torch.no_grad():
-            o = disassemble(self.gen, x1, x2)
-        loss, terms = self.d_loss(x, y, x1, y1, x2, y2, o.m1, o.m2)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_d.step()
-        return {**{k: v.detach() for k, v in terms.items()}, "d_total": loss.detach()}
+        with self.autocast():
+            with torch.no_grad():
+                o = disassemble(self.gen, x1, x2)
+            loss, terms = self.d_loss(x, y, x1, y1, x2, y2, o.m1, o.m2)
+        self._update(loss, self.opt_d, self.scaler_d)
+        return {**{k: v.detach().float() for k, v in terms.items()}, "d_total": loss.detach().float()}
 
     def g_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
@@ -98,43 +142,52 @@ class Approach:
         if self.dis is not None:
             self.dis.requires_grad_(False)
         try:
-            o = g2g_forward(self.gen, x1, x2, short=self.uses_short)
-            loss, terms = self.g_loss(o, y1, y2)
-            self.opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt_g.step()
+            with self.autocast():
+                o = g2g_forward(self.gen, x1, x2, short=self.uses_short)
+                loss, terms = self.g_loss(o, y1, y2)
+            self._update(loss, self.opt_g, self.scaler_g)
         finally:
             if self.dis is not None:
                 self.dis.requires_grad_(True)
-        return {**{k: v.detach() for k, v in terms.items()}, "g_total": loss.detach()}
+        return {**{k: v.detach().float() for k, v in terms.items()}, "g_total": loss.detach().float()}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = self.d_step(x, y) if self.dis is not None else {}
-        losses.update(self.g_step(x, y))
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, timer=None) -> dict[str, torch.Tensor]:
+        """D step, G step, EMA. `timer(name)` (optional) is a context manager timing each phase."""
+        timer = timer or (lambda name: contextlib.nullcontext())
+        losses = {}
+        if self.dis is not None:
+            with timer("D"):
+                losses.update(self.d_step(x, y))
+        with timer("G"):
+            losses.update(self.g_step(x, y))
         if self.gen_ema is not None:
-            ema_update(self.gen_ema, self.gen, self.cfg.ema_beta)
+            with timer("ema"):
+                ema_update(self.gen_ema, self.gen, self.cfg.ema_beta)
         self.step += 1
         return losses
 
     # --- state ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        sd = {"step": self.step, "gen": self.gen.state_dict(), "opt_g": self.opt_g.state_dict()}
-        if self.gen_ema is not None:
-            sd["gen_test"] = self.gen_ema.state_dict()
-        if self.dis is not None:
-            sd["dis"] = self.dis.state_dict()
-            sd["opt_d"] = self.opt_d.state_dict()
-        return sd
+    def _stateful(self) -> dict:
+        """Name -> object with state_dict()/load_state_dict(), for what this approach has."""
+        items = {"gen": self.gen, "gen_test": self.gen_ema, "dis": self.dis, "opt_g": self.opt_g,
+                 "opt_d": self.opt_d, "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
+        return {k: v for k, v in items.items() if v is not None}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"step": self.step, **{k: v.state_dict() for k, v in self._stateful().items()}}
+
+    def load_state_dict(self, sd: dict, source: str = "checkpoint") -> None:
+        """Restore everything `state_dict` saved; networks are checked key by key and shape by
+        shape (the error names `source` and the first mismatches)."""
+        missing = [k for k in self._stateful() if k not in sd]
+        if missing:
+            raise ValueError(f"{source}: has no {', '.join(missing)} (saved by another approach or precision?)")
+        for name, obj in self._stateful().items():
+            if isinstance(obj, nn.Module):
+                load_checked(obj, sd[name], source, f"{self.cfg.approach} {name}")
+            else:
+                obj.load_state_dict(sd[name])
         self.step = int(sd["step"])
-        self.gen.load_state_dict(sd["gen"])
-        self.opt_g.load_state_dict(sd["opt_g"])
-        if self.gen_ema is not None:
-            self.gen_ema.load_state_dict(sd["gen_test"])
-        if self.dis is not None:
-            self.dis.load_state_dict(sd["dis"])
-            self.opt_d.load_state_dict(sd["opt_d"])
 
 
 class Funit2Funit(Approach):
@@ -144,13 +197,7 @@ class Funit2Funit(Approach):
 
     def build_networks(self):
         cfg = self.cfg
-        gen = Generator(**cfg.arch_kwargs())
-        if cfg.init_funit:
-            load_official_generator(gen, cfg.init_funit, cfg.init_funit_key)
-            log.info("G initialised from %s [%s]; D is fresh (no FUNIT discriminator weights were released)",
-                     cfg.init_funit, cfg.init_funit_key)
-        else:
-            log.info("G and D initialised fresh (kaiming normal)")
+        gen = init_generator(Generator(**cfg.arch_kwargs()), cfg)
         return gen, Discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
 
     def build_optimizers(self):
@@ -213,7 +260,10 @@ class CycleFunit(Approach):
         if cfg.class_encoder == "identity" or cfg.delta_identity > 0:
             self.id_net = IdentityEncoder.from_file(cfg.identity_weights).to(self.device)
         class_encoder = self.id_net if cfg.class_encoder == "identity" else None
-        gen = Generator(**cfg.arch_kwargs(), class_encoder=class_encoder)
+        if class_encoder is not None and cfg.init_funit:
+            raise ValueError("init_funit cannot be combined with class_encoder='identity' "
+                             "(the MLP input differs from FUNIT's)")
+        gen = init_generator(Generator(**cfg.arch_kwargs(), class_encoder=class_encoder), cfg)
         if cfg.vgg_weights:
             self.vgg = VGGPerceptual.from_file(cfg.vgg_weights).to(self.device)
         else:
@@ -289,5 +339,5 @@ APPROACHES: dict[str, type[Approach]] = {
 }
 
 
-def build_approach(cfg: BaseConfig, num_classes: int, device="cpu") -> Approach:
-    return APPROACHES[cfg.approach](cfg, num_classes, device)
+def build_approach(cfg: BaseConfig, num_classes: int, device="cpu", **kwargs) -> Approach:
+    return APPROACHES[cfg.approach](cfg, num_classes, device, **kwargs)

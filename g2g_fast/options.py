@@ -1,0 +1,194 @@
+"""Command-line options of `python -m g2g_fast.train`, presets, and how they resolve.
+
+Precedence, lowest first: the preset for the device (or, on --resume, the checkpoint's own
+settings) < `--config FILE` < explicit flags < `--set key=value`. Every flag defaults to None here
+so that "given on the command line" can be told apart from "default".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .config import CONFIGS, config_from_dict
+
+
+class UsageError(ValueError):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+@dataclass
+class TrainOptions:
+    """Trainer settings that are not part of an approach's config."""
+    data: str = "synthetic"      # "synthetic" (embedded, no files) or a dataset folder
+    data_format: str = "auto"    # auto | folder | celeba (auto: celeba if identity_CelebA.txt exists)
+    steps: int = 100_000         # total iterations (one D step + one G step each)
+    out: str = "runs/g2g"        # output folder: config, metrics.jsonl, samples/, checkpoints/
+    device: str = "auto"         # auto (cuda if available) | cpu | cuda
+    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)
+    backend: str = "reference"   # reference | fast (fast: fused kernels, a later release)
+    sample_every: int = 1000     # steps between sample grids
+    ckpt_every: int = 1000       # steps between checkpoints/last.pt writes
+    keep_snapshots: int = 3      # periodic checkpoints/step_*.pt copies kept (0 = none)
+    log_every: int = 50          # steps between metrics.jsonl lines / progress lines
+    nan_policy: str = "stop"     # stop | skip: what a non-finite loss does
+    workers: int = -1            # data-loader worker processes (-1: 0 on CPU, min(8, cores) on CUDA)
+    synthetic_classes: int = 8   # classes of the synthetic dataset
+
+
+# The embedded defaults. "cpu": finishes in minutes on 2 cores; "gpu": the paper's configuration.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "trainer": dict(steps=300, sample_every=50, ckpt_every=100, log_every=10),
+        "common": dict(image_size=64, batch_size=8),
+        "funit2funit": dict(nf=16, nf_mlp=64, latent_dim=16, dis_nf=16),
+        "cyclefunit": dict(nf=16, nf_mlp=64, latent_dim=16, patch_nf=16),
+        "naive": dict(code_dim=64),
+    },
+    "gpu": {"trainer": {}, "common": {}, "funit2funit": {}, "cyclefunit": {}, "naive": {}},
+}
+
+# CLI flag -> (where it goes, key). "cfg" keys belong to the approach config.
+FLAG_TARGETS = {
+    "data": "trainer", "data_format": "trainer", "steps": "trainer", "out": "trainer",
+    "device": "trainer", "precision": "trainer", "backend": "trainer", "sample_every": "trainer",
+    "ckpt_every": "trainer", "keep_snapshots": "trainer", "log_every": "trainer",
+    "nan_policy": "trainer", "workers": "trainer",
+    "image_size": "cfg", "batch_size": "cfg", "seed": "cfg", "init_funit": "cfg",
+}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the whole usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainOptions()
+    p = OneLineErrorParser(
+        prog="python -m g2g_fast.train",
+        description="Train a G2G cross-training disentanglement model. With no arguments: the "
+                    "embedded synthetic dataset, a small preset on CPU or the paper's configuration on a GPU.",
+    )
+    a = p.add_argument
+    a("--approach", choices=sorted(CONFIGS), help="which G2G approach (default: funit2funit)")
+    a("--data", help=f"'synthetic' or a dataset folder (default: {d.data})")
+    a("--data-format", choices=["auto", "folder", "celeba"], help=f"dataset layout (default: {d.data_format})")
+    a("--image-size", type=int, help="training crop in pixels (default: 128 on GPU, 64 on the CPU preset)")
+    a("--batch-size", type=int, help="images per step, even (default: the approach's, 8 on the CPU preset)")
+    a("--steps", type=int, help="total iterations (default: 100000 on GPU, 300 on the CPU preset)")
+    a("--out", help=f"output folder (default: {d.out})")
+    a("--device", choices=["auto", "cpu", "cuda"], help=f"device (default: {d.device})")
+    a("--precision", choices=["fp32", "bf16", "fp16"], help=f"compute precision (default: {d.precision})")
+    a("--backend", choices=["reference", "fast"], help=f"implementation (default: {d.backend})")
+    a("--resume", nargs="?", const="", metavar="CKPT",
+      help="resume from CKPT (default when given without a path: OUT/checkpoints/last.pt)")
+    a("--init-funit", metavar="PATH", help="official FUNIT generator file for the initial G (funit2funit/cyclefunit; default: none)")
+    a("--config", metavar="FILE", help="YAML or JSON file of config values (default: none)")
+    a("--set", action="append", default=[], metavar="KEY=VALUE",
+      help="override one config value, repeatable, e.g. --set rl_w=0.1 (default: none)")
+    a("--seed", type=int, help="seed for weights, data order and augmentation (default: 0)")
+    a("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    a("--sample-every", type=int, help="steps between sample grids (default: 1000; CPU preset 50)")
+    a("--ckpt-every", type=int, help="steps between checkpoints (default: 1000; CPU preset 100)")
+    a("--keep-snapshots", type=int, help=f"periodic step_*.pt checkpoints kept (default: {d.keep_snapshots})")
+    a("--log-every", type=int, help="steps between metric lines (default: 50; CPU preset 10)")
+    a("--nan-policy", choices=["stop", "skip"], help=f"on a non-finite loss: stop, or skip the update (default: {d.nan_policy})")
+    a("--workers", type=int, help="data-loader workers (default: 0 on CPU, min(8, cores) on CUDA)")
+    return p
+
+
+def parse_value(text: str) -> Any:
+    """'0.1' -> 0.1, 'true' -> True, 'none'/'null' -> None, otherwise the string itself."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise UsageError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from None
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"--config {path}: cannot parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of key: value")
+    return values
+
+
+def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
+    """-> (approach config, TrainOptions, preset name). `base` = a checkpoint's saved settings."""
+    trainer_fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    if base is not None:
+        preset = "checkpoint"
+        approach = base["config"]["approach"]
+        if args.approach and args.approach != approach:
+            raise UsageError(f"--resume: the checkpoint was trained with --approach {approach}, not {args.approach}")
+        cfg_values = {k: v for k, v in base["config"].items() if k != "approach"}
+        trainer = dict(base["trainer"])
+    else:
+        approach = args.approach or "funit2funit"
+        device = args.device or "auto"
+        on_gpu = device == "cuda" or (device == "auto" and cuda_available)
+        preset = "gpu" if on_gpu else "cpu"
+        p = PRESETS[preset]
+        cfg_values = {**p["common"], **p[approach]}
+        trainer = dict(p["trainer"])
+    # Config file and --set may hold approach keys and trainer keys alike.
+    overrides = read_config_file(args.config) if args.config else {}
+    file_approach = overrides.pop("approach", None)
+    if file_approach and file_approach != approach:
+        raise UsageError(f"--config {args.config}: approach {file_approach!r} conflicts with {approach!r}")
+    for flag, target in FLAG_TARGETS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[flag] = value
+    for item in args.set:
+        if "=" not in item:
+            raise UsageError(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(value)
+    for key, value in overrides.items():
+        (trainer if key in trainer_fields else cfg_values)[key] = value
+    try:
+        cfg = config_from_dict(approach, cfg_values)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    opts = TrainOptions(**trainer)
+    check_options(opts)
+    return cfg, opts, preset
+
+
+def check_options(o: TrainOptions) -> None:
+    choices = {"data_format": ("auto", "folder", "celeba"), "device": ("auto", "cpu", "cuda"),
+               "precision": ("fp32", "bf16", "fp16"), "backend": ("reference", "fast"),
+               "nan_policy": ("stop", "skip")}
+    for name, allowed in choices.items():
+        if getattr(o, name) not in allowed:
+            raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")
+    for name in ("steps", "sample_every", "ckpt_every", "log_every"):
+        if not isinstance(getattr(o, name), int) or getattr(o, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(o, name)!r}")

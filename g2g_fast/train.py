@@ -1,0 +1,256 @@
+"""`python -m g2g_fast.train`: train a G2G model; `--help` lists every flag and its default.
+
+The loop: for each step, one batch -> D step -> G step -> EMA (`Approach.train_step`). Host
+synchronisation happens once per step for the non-finite check and otherwise at log time.
+Outputs in --out: config.json, metrics.jsonl, samples/step_XXXXXXX.png, checkpoints/last.pt
+(+ step_XXXXXXX.pt snapshots), TensorBoard scalars/images when tensorboard is installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import config_to_dict
+from .data import BatchStream, DataError, build_dataset
+from .options import TrainOptions, UsageError, build_parser, resolve
+from .reference.g2g import g2g_forward
+from .reference.steps import build_approach
+from .samples import g2g_grid, save_png
+
+log = logging.getLogger("g2g_fast")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class PhaseTimer:
+    """Seconds per phase: CUDA events on the GPU (read at log time), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events, self.totals = [], defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - t0
+
+    def collect(self) -> dict[str, float]:
+        if self.events:
+            torch.cuda.synchronize()
+            for name, start, end in self.events:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+        out, self.events, self.totals = dict(self.totals), [], defaultdict(float)
+        return out
+
+
+class Progress:
+    """One status line: step, main losses, img/s, ETA. Rewritten in place on a terminal."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start, self.t0 = total, start, time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, losses: dict[str, float], img_s: float, final: bool):
+        done = step - self.start
+        eta = (self.total - step) * (time.time() - self.t0) / max(done, 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in losses.items() if k.endswith("total"))
+        line = (f"step {step}/{self.total} [{100 * step / self.total:3.0f}%] {shown} | "
+                f"{img_s:.1f} img/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if self.tty and not final:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(("\r" if self.tty else "") + line, file=sys.stderr, flush=True)
+
+
+def sample_pairs(dataset, n_pairs: int):
+    """Fixed pairs with different classes (first images of class j and j+1), eval transform."""
+    by_class = defaultdict(list)
+    for i, label in enumerate(dataset.labels):
+        by_class[label].append(i)
+    classes = sorted(by_class)
+    x1, x2 = [], []
+    for j in range(n_pairs):
+        c1, c2 = classes[j % len(classes)], classes[(j + 1) % len(classes)]
+        k = j // len(classes)
+        x1.append(dataset.get(by_class[c1][k % len(by_class[c1])], None)[0])
+        x2.append(dataset.get(by_class[c2][k % len(by_class[c2])], None)[0])
+    return torch.stack(x1), torch.stack(x2)
+
+
+@torch.no_grad()
+def write_samples(approach, pairs, path: Path, tb=None, step=0):
+    """Fig. 4 grid of the EMA generator (the raw one when there is no EMA)."""
+    gen = approach.gen_ema if approach.gen_ema is not None else approach.gen
+    was_training = gen.training
+    gen.eval()
+    x1, x2 = (p.to(approach.device) for p in pairs)
+    o = g2g_forward(gen, x1, x2)
+    gen.train(was_training)
+    grid = g2g_grid(o.x1, o.x2, o.m1, o.m2, o.r1, o.r2)
+    save_png(grid, path)
+    if tb is not None:
+        tb.add_image("samples", grid.permute(2, 0, 1), step)
+
+
+def open_tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def save(approach, opts: TrainOptions, stream, out: Path, snapshot: bool):
+    state = {"config": config_to_dict(approach.cfg), "trainer": vars(opts).copy(),
+             "num_classes": approach.num_classes, **approach.state_dict(),
+             "rng": rng_state(approach.device), "data": {"step": stream.step}}
+    ckpt_dir = out / "checkpoints"
+    save_checkpoint(ckpt_dir / "last.pt", state)
+    if snapshot and opts.keep_snapshots > 0:
+        save_checkpoint(ckpt_dir / f"step_{approach.step:07d}.pt", state)
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-opts.keep_snapshots]:
+            old.unlink()
+
+
+def pick_device(opts: TrainOptions) -> torch.device:
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    if opts.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(opts.device)
+
+
+def setup(argv):
+    """Parse and check everything that can be wrong with the user's input, before training."""
+    args = build_parser().parse_args(argv)
+    ckpt, ckpt_path = None, None
+    if args.resume is not None:
+        ckpt_path = Path(args.resume or Path(args.out or TrainOptions.out) / "checkpoints" / "last.pt")
+        ckpt = load_checkpoint(ckpt_path)
+    cfg, opts, preset = resolve(args, ckpt, torch.cuda.is_available())
+    if args.dry_run:
+        print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
+        return None
+    if opts.backend == "fast":
+        raise UsageError("--backend fast is not available yet (the fused-kernel path is tracked by "
+                         "issues 4-5); use --backend reference")
+    device = pick_device(opts)
+    if opts.workers < 0:
+        opts.workers = 0 if device.type == "cpu" else min(8, torch.multiprocessing.cpu_count())
+    torch.manual_seed(cfg.seed)
+    dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
+                            seed=cfg.seed, synthetic_classes=opts.synthetic_classes)
+    approach = build_approach(cfg, dataset.num_classes, device, precision=opts.precision,
+                              skip_nonfinite=opts.nan_policy == "skip")
+    if ckpt is not None:
+        if ckpt.get("num_classes") != dataset.num_classes:
+            raise CheckpointError(f"{ckpt_path}: trained on {ckpt.get('num_classes')} classes, "
+                                  f"but {opts.data} has {dataset.num_classes}")
+        approach.load_state_dict(ckpt, source=str(ckpt_path))
+        set_rng_state(ckpt["rng"], device)
+        log.info("resumed from %s at step %d", ckpt_path, approach.step)
+    log.info("preset %s | approach %s | %s, %d classes, %d images | %dx%d, batch %d | %s %s %s",
+             preset, cfg.approach, opts.data, dataset.num_classes, len(dataset), cfg.image_size,
+             cfg.image_size, cfg.batch_size, device, opts.precision, opts.backend)
+    if preset == "cpu":
+        log.info("no CUDA GPU: using the small CPU preset (64x64, reduced widths, batch 8); "
+                 "on a GPU the default is the paper's configuration")
+    stream = BatchStream(dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
+                         num_workers=opts.workers)
+    return approach, opts, dataset, stream
+
+
+def train(approach, opts: TrainOptions, dataset, stream) -> None:
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = approach.cfg
+    (out / "config.json").write_text(json.dumps(
+        {"config": config_to_dict(cfg), "trainer": vars(opts), "num_classes": dataset.num_classes,
+         "optimizer": type(approach.opt_g).__name__, "kernels": "reference"}, indent=2))
+    pairs = sample_pairs(dataset, n_pairs=min(8, max(2, dataset.num_classes)))
+    tb = open_tensorboard(out)
+    timer, progress = PhaseTimer(approach.device), Progress(opts.steps, approach.step)
+    last_good = approach.step
+    t_log, images = time.time(), 0
+    with open(out / "metrics.jsonl", "a") as metrics:
+        while approach.step < opts.steps:
+            with timer("data"):
+                x, y = next(stream)
+                x, y = x.to(approach.device, non_blocking=True), y.to(approach.device, non_blocking=True)
+            losses = approach.train_step(x, y, timer)
+            images += x.shape[0]
+            step = approach.step
+            if opts.nan_policy == "stop" and not bool(torch.isfinite(torch.stack(list(losses.values()))).all()):
+                bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
+                raise NonFiniteLoss(f"non-finite loss at step {step}: {bad}; training stopped, the last good "
+                                    f"checkpoint is {out / 'checkpoints' / 'last.pt'} (step {last_good})")
+            final = step == opts.steps
+            if step % opts.log_every == 0 or final:
+                now = time.time()
+                values = {k: v.item() for k, v in losses.items()}
+                img_s = images / max(now - t_log, 1e-9)
+                record = {"step": step, "epoch": stream.epoch, **values, "img_per_s": img_s,
+                          **{f"sec_{k}": v for k, v in timer.collect().items()}}
+                if approach.skipped:
+                    record["skipped_updates"] = approach.skipped
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if tb is not None:
+                    for k, v in record.items():
+                        if k != "step" and isinstance(v, float) and math.isfinite(v):
+                            tb.add_scalar(k, v, step)
+                progress.update(step, values, img_s, final)
+                t_log, images = now, 0
+            if step % opts.sample_every == 0 or final:
+                write_samples(approach, pairs, out / "samples" / f"step_{step:07d}.png", tb, step)
+            if step % opts.ckpt_every == 0 or final:
+                save(approach, opts, stream, out, snapshot=True)
+                last_good = step
+    if tb is not None:
+        tb.close()
+    log.info("done: %d steps; samples in %s, checkpoint %s", opts.steps, out / "samples",
+             out / "checkpoints" / "last.pt")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[g2g] %(message)s", stream=sys.stderr)
+    try:
+        ready = setup(argv)
+    except (UsageError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        # Bad input is reported as one line, without a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if ready is None:
+        return 0
+    try:
+        train(*ready)
+    except NonFiniteLoss as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
