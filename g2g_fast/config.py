@@ -110,6 +110,7 @@ class NaiveConfig(BaseConfig):
     batch_size: int = 32         # the paper's naive run used 32
     ema_beta: float = 0.0        # the original naive code kept no EMA
     code_dim: int = 256          # size of both codes (E_A and E_B outputs)
+    gen_channels: int = 256      # width of the LORD generator's AdaIN conv stack (LORD: 256)
     gamma: float = 0.4           # weight of the four code-cycle MSE terms (paper eq. 4)
     lr: float = 2e-4             # Adam learning rate
     beta1: float = 0.9           # Adam beta1

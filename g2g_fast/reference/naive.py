@@ -84,11 +84,11 @@ class LordGenerator(nn.Module):
 class NaiveModel(nn.Module):
     """E_A (content) and E_B (class), separate weights, same architecture, plus the generator."""
 
-    def __init__(self, image_size: int = 128, code_dim: int = 256):
+    def __init__(self, image_size: int = 128, code_dim: int = 256, gen_channels: int = 256):
         super().__init__()
         self.enc_a = NaiveEncoder(image_size, code_dim)
         self.enc_b = NaiveEncoder(image_size, code_dim)
-        self.gen = LordGenerator(image_size, code_dim)
+        self.gen = LordGenerator(image_size, code_dim, gen_channels)
 
     def encode_content(self, x):
         return self.enc_a(x)

@@ -320,7 +320,7 @@ class Naive(Approach):
     uses_short = False
 
     def build_networks(self):
-        return NaiveModel(self.cfg.image_size, self.cfg.code_dim), None
+        return NaiveModel(self.cfg.image_size, self.cfg.code_dim, self.cfg.gen_channels), None
 
     def build_optimizers(self):
         cfg = self.cfg
