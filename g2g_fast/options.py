@@ -37,6 +37,8 @@ class TrainOptions:
     nan_policy: str = "stop"     # stop | skip: what a non-finite loss does
     workers: int = -1            # data-loader worker processes (-1: 0 on CPU, min(8, cores) on CUDA)
     synthetic_classes: int = 8   # classes of the synthetic dataset
+    synthetic_per_class: int = 256  # images per class of the synthetic dataset
+    resize_to: int | None = None  # shorter side before the random crop (None: image_size * 140/128, FUNIT's)
 
 
 # The embedded defaults. "cpu": finishes in minutes on 2 cores; "gpu": the paper's configuration.

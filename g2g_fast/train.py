@@ -158,7 +158,8 @@ def setup(argv):
         opts.workers = 0 if device.type == "cpu" else min(8, torch.multiprocessing.cpu_count())
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
-                            seed=cfg.seed, synthetic_classes=opts.synthetic_classes)
+                            resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
+                            synthetic_per_class=opts.synthetic_per_class)
     approach = build_approach(cfg, dataset.num_classes, device, precision=opts.precision,
                               skip_nonfinite=opts.nan_policy == "skip")
     if ckpt is not None:

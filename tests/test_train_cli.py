@@ -182,3 +182,27 @@ def test_config_file_and_help(tmp_path, capsys):
                  "--device", "--precision", "--backend", "--resume", "--init-funit", "--config", "--set",
                  "--seed", "--dry-run", "--sample-every", "--ckpt-every", "--log-every", "--nan-policy"):
         assert flag in help_text
+
+
+def test_tensorboard_gets_scalars_and_samples(tmp_path, monkeypatch):
+    """TensorBoard is optional; when present it receives every metric and the sample grids."""
+    calls = []
+
+    class FakeWriter:
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, step))
+
+        def add_image(self, tag, img, step):
+            calls.append(("image", tag, step, tuple(img.shape)))
+
+        def close(self):
+            calls.append(("close",))
+
+    import g2g_fast.train as train_mod
+    monkeypatch.setattr(train_mod, "open_tensorboard", lambda out: FakeWriter())
+    assert main(tiny_args("naive", tmp_path, 2, "--set", "synthetic_per_class=4", "--set", "synthetic_classes=3")) == 0
+    tags = {c[1] for c in calls if c[0] == "scalar"}
+    assert {"g_total", "g_long", "img_per_s"} <= tags
+    images = [c for c in calls if c[0] == "image"]
+    assert [c[2] for c in images] == [2] and images[0][3][0] == 3
+    assert calls[-1] == ("close",)
