@@ -28,8 +28,8 @@ class TrainOptions:
     steps: int = 100_000         # total iterations (one D step + one G step each)
     out: str = "runs/g2g"        # output folder: config, metrics.jsonl, samples/, checkpoints/
     device: str = "auto"         # auto (cuda if available) | cpu | cuda
-    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast; fp16 adds loss scaling)
-    backend: str = "reference"   # reference | fast (fast: fused kernels, a later release)
+    precision: str = "auto"      # auto (bf16 with the fast backend on CUDA, else fp32) | fp32 | bf16 | fp16
+    backend: str = "auto"        # auto (fast on CUDA, reference on CPU) | reference | fast
     sample_every: int = 1000     # steps between sample grids
     ckpt_every: int = 1000       # steps between checkpoints/last.pt writes
     keep_snapshots: int = 3      # periodic checkpoints/step_*.pt copies kept (0 = none)
@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, help="total iterations (default: 100000 on GPU, 300 on the CPU preset)")
     a("--out", help=f"output folder (default: {d.out})")
     a("--device", choices=["auto", "cpu", "cuda"], help=f"device (default: {d.device})")
-    a("--precision", choices=["fp32", "bf16", "fp16"], help=f"compute precision (default: {d.precision})")
-    a("--backend", choices=["reference", "fast"], help=f"implementation (default: {d.backend})")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+      help=f"compute precision; fp16 adds loss scaling (default: {d.precision}: bf16 for the fast backend on CUDA, else fp32)")
+    a("--backend", choices=["auto", "reference", "fast"],
+      help=f"reference (plain PyTorch) or fast (fused kernels, channels_last, fused optimisers) (default: {d.backend}: fast on CUDA)")
     a("--resume", nargs="?", const="", metavar="CKPT",
       help="resume from CKPT (default when given without a path: OUT/checkpoints/last.pt)")
     a("--init-funit", metavar="PATH", help="official FUNIT generator file for the initial G (funit2funit/cyclefunit; default: none)")
@@ -189,7 +191,7 @@ def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
 
 def check_options(o: TrainOptions) -> None:
     choices = {"data_format": ("auto", "folder", "celeba"), "device": ("auto", "cpu", "cuda"),
-               "precision": ("fp32", "bf16", "fp16"), "backend": ("reference", "fast"),
+               "precision": ("auto", "fp32", "bf16", "fp16"), "backend": ("auto", "reference", "fast"),
                "nan_policy": ("stop", "skip")}
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:

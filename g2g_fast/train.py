@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .backends import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import config_to_dict
 from .data import BatchStream, DataError, build_dataset
@@ -150,10 +151,11 @@ def setup(argv):
     if args.dry_run:
         print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
         return None
-    if opts.backend == "fast":
-        raise UsageError("--backend fast is not available yet (the fused-kernel path is tracked by "
-                         "issues 4-5); use --backend reference")
     device = pick_device(opts)
+    if opts.backend == "auto":
+        opts.backend = "fast" if device.type == "cuda" else "reference"
+    if opts.precision == "auto":
+        opts.precision = "bf16" if opts.backend == "fast" and device.type == "cuda" else "fp32"
     if opts.workers < 0:
         opts.workers = 0 if device.type == "cpu" else min(8, torch.multiprocessing.cpu_count())
     torch.manual_seed(cfg.seed)
@@ -161,7 +163,7 @@ def setup(argv):
                             resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
                             synthetic_per_class=opts.synthetic_per_class)
     approach = build_approach(cfg, dataset.num_classes, device, precision=opts.precision,
-                              skip_nonfinite=opts.nan_policy == "skip")
+                              skip_nonfinite=opts.nan_policy == "skip", backend=BACKENDS[opts.backend]())
     if ckpt is not None:
         if ckpt.get("num_classes") != dataset.num_classes:
             raise CheckpointError(f"{ckpt_path}: trained on {ckpt.get('num_classes')} classes, "
@@ -184,9 +186,10 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = approach.cfg
+    run_info = approach.backend.describe(approach)  # which backend/kernels/optimiser/precision ran
     (out / "config.json").write_text(json.dumps(
         {"config": config_to_dict(cfg), "trainer": vars(opts), "num_classes": dataset.num_classes,
-         "optimizer": type(approach.opt_g).__name__, "kernels": "reference"}, indent=2))
+         "run": run_info}, indent=2))
     pairs = sample_pairs(dataset, n_pairs=min(8, max(2, dataset.num_classes)))
     tb = open_tensorboard(out)
     timer, progress = PhaseTimer(approach.device), Progress(opts.steps, approach.step)
@@ -210,7 +213,7 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                 values = {k: v.item() for k, v in losses.items()}
                 img_s = images / max(now - t_log, 1e-9)
                 record = {"step": step, "epoch": stream.epoch, **values, "img_per_s": img_s,
-                          **{f"sec_{k}": v for k, v in timer.collect().items()}}
+                          **{f"sec_{k}": v for k, v in timer.collect().items()}, **run_info}
                 if approach.skipped:
                     record["skipped_updates"] = approach.skipped
                 metrics.write(json.dumps(record) + "\n")

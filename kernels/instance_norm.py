@@ -33,7 +33,7 @@ import triton.language as tl
 from ._utils import bchw_view, interpreting, next_power_of_2
 
 ACTS = {"none": 0, "relu": 1, "lrelu": 2}
-MAX_TILE = 8192        # elements of one fused tile held in registers (fp32 statistics)
+MAX_TILE = 16384       # elements of one tile held in registers (16 warps: 32 fp32 per thread)
 MAX_SPLITS = 64        # H*W chunks per (b, c) in the split path
 # Tests set this to (block_p, splits) to force the looped/split paths on small shapes.
 FORCE_PLAN: Optional[tuple[Optional[int], Optional[int]]] = None

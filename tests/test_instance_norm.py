@@ -89,6 +89,8 @@ CASES = [
     ((2, 4, 40, 37), "affine_lrelu", True, "split"),
     ((1, 40, 12, 11), "weight_only_res", True, "split"),
     ((2, 3, 1, 1), "adain_res", False, "split"),
+    ((1, 2048, 3, 2), "adain_res", True, "auto"),    # C = 2048, both layouts
+    ((1, 2048, 3, 2), "affine_lrelu", False, "auto"),
 ]
 
 

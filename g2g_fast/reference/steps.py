@@ -30,6 +30,32 @@ log = logging.getLogger("g2g_fast")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class ReferenceBackend:
+    """How an approach builds its generator, optimisers and EMA update: plain PyTorch, fp32
+    layouts, PyTorch's default optimiser implementations. `g2g_fast.backends.FastBackend`
+    swaps in the fused-kernel generator, channels_last, fused optimisers and a foreach EMA."""
+
+    name = "reference"
+    memory_format = torch.contiguous_format
+
+    def generator(self, **kwargs) -> nn.Module:
+        return Generator(**kwargs)
+
+    def rmsprop(self, params, **kwargs):
+        return torch.optim.RMSprop(params, **kwargs)
+
+    def adam(self, params, **kwargs):
+        return torch.optim.Adam(params, **kwargs)
+
+    def ema_update(self, ema: nn.Module, model: nn.Module, beta: float) -> None:
+        ema_update(ema, model, beta)
+
+    def describe(self, approach) -> dict:
+        """What ran, for metrics and benchmark metadata."""
+        return {"backend": self.name, "kernels": "reference",
+                "optimizer": type(approach.opt_g).__name__, "precision": approach.precision}
+
+
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -65,7 +91,7 @@ class Approach:
     uses_short = True  # whether the G step needs the short reconstructions s_i
 
     def __init__(self, cfg: BaseConfig, num_classes: int, device: str | torch.device = "cpu",
-                 precision: str = "fp32", skip_nonfinite: bool = False):
+                 precision: str = "fp32", skip_nonfinite: bool = False, backend=None):
         if not isinstance(cfg, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
         cfg.validate()
@@ -79,10 +105,11 @@ class Approach:
         # sync per phase); otherwise the caller checks the returned losses.
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
         self.step = 0
+        self.backend = backend or ReferenceBackend()
         self.gen, self.dis = self.build_networks()
-        self.gen.to(self.device)
+        self.gen.to(self.device, memory_format=self.backend.memory_format)
         if self.dis is not None:
-            self.dis.to(self.device)
+            self.dis.to(self.device, memory_format=self.backend.memory_format)
         # The EMA copy is taken after initialisation (and after loading pretrained weights).
         self.gen_ema = None
         if cfg.ema_beta > 0:
@@ -154,6 +181,7 @@ class Approach:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, timer=None) -> dict[str, torch.Tensor]:
         """D step, G step, EMA. `timer(name)` (optional) is a context manager timing each phase."""
         timer = timer or (lambda name: contextlib.nullcontext())
+        x = x.contiguous(memory_format=self.backend.memory_format)
         losses = {}
         if self.dis is not None:
             with timer("D"):
@@ -162,7 +190,7 @@ class Approach:
             losses.update(self.g_step(x, y))
         if self.gen_ema is not None:
             with timer("ema"):
-                ema_update(self.gen_ema, self.gen, self.cfg.ema_beta)
+                self.backend.ema_update(self.gen_ema, self.gen, self.cfg.ema_beta)
         self.step += 1
         return losses
 
@@ -197,14 +225,14 @@ class Funit2Funit(Approach):
 
     def build_networks(self):
         cfg = self.cfg
-        gen = init_generator(Generator(**cfg.arch_kwargs()), cfg)
+        gen = init_generator(self.backend.generator(**cfg.arch_kwargs()), cfg)
         return gen, Discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
 
     def build_optimizers(self):
         cfg = self.cfg
 
         def rmsprop(params, lr):
-            return torch.optim.RMSprop(params, lr=lr, alpha=cfg.rms_alpha, eps=cfg.rms_eps,
+            return self.backend.rmsprop(params, lr=lr, alpha=cfg.rms_alpha, eps=cfg.rms_eps,
                                        weight_decay=cfg.weight_decay)
 
         return rmsprop(trainable(self.gen), cfg.lr_gen), rmsprop(trainable(self.dis), cfg.lr_dis)
@@ -263,7 +291,7 @@ class CycleFunit(Approach):
         if class_encoder is not None and cfg.init_funit:
             raise ValueError("init_funit cannot be combined with class_encoder='identity' "
                              "(the MLP input differs from FUNIT's)")
-        gen = init_generator(Generator(**cfg.arch_kwargs(), class_encoder=class_encoder), cfg)
+        gen = init_generator(self.backend.generator(**cfg.arch_kwargs(), class_encoder=class_encoder), cfg)
         if cfg.vgg_weights:
             self.vgg = VGGPerceptual.from_file(cfg.vgg_weights).to(self.device)
         else:
@@ -274,8 +302,8 @@ class CycleFunit(Approach):
     def build_optimizers(self):
         cfg = self.cfg
         betas = (cfg.beta1, cfg.beta2)
-        return (torch.optim.Adam(trainable(self.gen), lr=cfg.lr, betas=betas),
-                torch.optim.Adam(trainable(self.dis), lr=cfg.lr, betas=betas))
+        return (self.backend.adam(trainable(self.gen), lr=cfg.lr, betas=betas),
+                self.backend.adam(trainable(self.dis), lr=cfg.lr, betas=betas))
 
     def d_loss(self, x, y, x1, y1, x2, y2, m1, m2):
         terms = {"d_real": lsgan(self.dis(x), True), "d_fake": lsgan(self.dis(torch.cat([m1, m2])), False)}
@@ -324,7 +352,7 @@ class Naive(Approach):
 
     def build_optimizers(self):
         cfg = self.cfg
-        return torch.optim.Adam(trainable(self.gen), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)), None
+        return self.backend.adam(trainable(self.gen), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)), None
 
     def g_loss(self, o, y1, y2):
         content, klass = code_cycle(o)

@@ -1,0 +1,64 @@
+"""Training backends: how an approach builds its generator, optimisers and EMA update.
+
+`reference` (g2g_fast.reference.steps.ReferenceBackend): plain PyTorch, the truth.
+`fast`: the fused-kernel generator (`g2g_fast.models`), channels_last weights and activations,
+fused/foreach optimisers (NVIDIA apex's FusedAdam when importable on CUDA; never a dependency)
+and the EMA as foreach ops. Same state_dict keys and the same math, so parity is a load + compare.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .reference.steps import ReferenceBackend
+
+log = logging.getLogger("g2g_fast")
+
+
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam  # NVIDIA apex, built from source by the user
+    except Exception:
+        return None
+    return FusedAdam
+
+
+class FastBackend(ReferenceBackend):
+    name = "fast"
+    memory_format = torch.channels_last
+
+    def generator(self, **kwargs) -> nn.Module:
+        from .models import Generator
+        return Generator(**kwargs)
+
+    def rmsprop(self, params, **kwargs):
+        # PyTorch has no fused RMSprop; foreach runs one kernel per op over all tensors.
+        return torch.optim.RMSprop(params, foreach=True, **kwargs)
+
+    def adam(self, params, **kwargs):
+        params = list(params)
+        if params and all(p.is_cuda for p in params):
+            fused = _apex_fused_adam()
+            if fused is not None:
+                return fused(params, adam_w_mode=False, **kwargs)
+        return torch.optim.Adam(params, fused=True, **kwargs)
+
+    @torch.no_grad()
+    def ema_update(self, ema: nn.Module, model: nn.Module, beta: float) -> None:
+        # One foreach lerp over all parameters: p_ema += (1 - beta) * (p - p_ema).
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - beta)
+        ema_buffers, buffers = list(ema.buffers()), list(model.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
+
+    def describe(self, approach) -> dict:
+        from kernels import adain_backend
+        probe = torch.empty(1, 1, 2, 2, device=approach.device)
+        return {"backend": self.name, "kernels": "adain:" + adain_backend(probe)[0],
+                "optimizer": type(approach.opt_g).__module__ + "." + type(approach.opt_g).__name__,
+                "precision": approach.precision, "memory_format": "channels_last"}
+
+
+BACKENDS = {"reference": ReferenceBackend, "fast": FastBackend}
