@@ -63,6 +63,21 @@ def _act_bwd(z, g, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _coords(n_cblk, C, BLOCK_C: tl.constexpr):
+    """This program's batch index and channel block (grid axis 0 = batch x channel blocks)."""
+    pid = tl.program_id(0)
+    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid // n_cblk, offs_c, offs_c < C
+
+
+@triton.jit
+def _split_range(chunk, P):
+    """This program's pixel range [start, end) (grid axis 1 = H*W splits)."""
+    start = tl.program_id(1) * chunk
+    return start, tl.minimum(start + chunk, P)
+
+
+@triton.jit
 def _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Per-(b, c) weight and bias as fp32 [BLOCK_C] vectors (stride 0 over b for (C,) params)."""
     w = tl.full(offs_c.shape, 1.0, tl.float32)
@@ -83,11 +98,8 @@ def _adain_fwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // n_cblk
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
     offs_p = tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_p[None, :] < P)
     # One read of the whole tile; two-pass mean/variance in registers (no E[x^2] - E[x]^2).
     x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
@@ -111,13 +123,9 @@ def _adain_stats_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Partial (mean, M2) of each (b, c) over this split's pixel range, merged chunk by chunk."""
-    pid = tl.program_id(0)
     s = tl.program_id(1)
-    b = pid // n_cblk
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    start = s * chunk
-    end = tl.minimum(start + chunk, P)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
+    start, end = _split_range(chunk, P)
     n_a = 0.0
     mean_a = tl.zeros([BLOCK_C], tl.float32)
     m2_a = tl.zeros([BLOCK_C], tl.float32)
@@ -165,11 +173,8 @@ def _adain_fwd_apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     s = tl.program_id(1)
-    b = pid // n_cblk
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
     mean, rstd = _merge_stats(PMEAN, PM2, b, offs_c, mask_c, C, P, chunk, n_split, eps, SPLIT_P2)
     if s == 0:
         tl.store(MEAN + b * C + offs_c, mean, mask=mask_c)
@@ -178,8 +183,7 @@ def _adain_fwd_apply_kernel(
     # (x - mean) * scale + b, not x * scale + (b - mean * scale): with zero variance rstd is
     # 1/sqrt(eps) ~ 316 and the folded shift would lose b's low bits.
     scale = rstd * w
-    start = s * chunk
-    end = tl.minimum(start + chunk, P)
+    start, end = _split_range(chunk, P)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
@@ -210,11 +214,8 @@ def _adain_bwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // n_cblk
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
     offs_p = tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_p[None, :] < P)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
@@ -240,18 +241,14 @@ def _adain_bwd_reduce_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Partial sums of dz and dz * xhat over this split's pixel range."""
-    pid = tl.program_id(0)
     s = tl.program_id(1)
-    b = pid // n_cblk
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
     g_acc = tl.zeros([BLOCK_C], tl.float32)
     gx_acc = tl.zeros([BLOCK_C], tl.float32)
-    start = s * chunk
-    end = tl.minimum(start + chunk, P)
+    start, end = _split_range(chunk, P)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
@@ -273,11 +270,8 @@ def _adain_bwd_apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     s = tl.program_id(1)
-    b = pid // n_cblk
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
     offs_s = tl.arange(0, SPLIT_P2)
     smask = mask_c[:, None] & (offs_s[None, :] < n_split)
     sidx = (b * C + offs_c[:, None]) * n_split + offs_s[None, :]
@@ -289,8 +283,7 @@ def _adain_bwd_apply_kernel(
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
-    start = s * chunk
-    end = tl.minimum(start + chunk, P)
+    start, end = _split_range(chunk, P)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
