@@ -35,6 +35,8 @@ class TrainOptions:
     keep_snapshots: int = 3      # periodic checkpoints/step_*.pt copies kept (0 = none)
     log_every: int = 50          # steps between metrics.jsonl lines / progress lines
     nan_policy: str = "stop"     # stop | skip: what a non-finite loss does
+    nan_check_every: int = 0     # steps between non-finite checks (a host sync); 0: every step on the
+                                 # reference backend, every log_every steps on the fast one
     workers: int = -1            # data-loader worker processes (-1: 0 on CPU, min(8, cores) on CUDA)
     synthetic_classes: int = 8   # classes of the synthetic dataset
     synthetic_per_class: int = 256  # images per class of the synthetic dataset
@@ -61,7 +63,7 @@ FLAG_TARGETS = {
     "data": "trainer", "data_format": "trainer", "steps": "trainer", "out": "trainer",
     "device": "trainer", "precision": "trainer", "backend": "trainer", "sample_every": "trainer",
     "ckpt_every": "trainer", "keep_snapshots": "trainer", "log_every": "trainer",
-    "nan_policy": "trainer", "workers": "trainer",
+    "nan_policy": "trainer", "nan_check_every": "trainer", "workers": "trainer",
     "image_size": "cfg", "batch_size": "cfg", "seed": "cfg", "init_funit": "cfg",
 }
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-snapshots", type=int, help=f"periodic step_*.pt checkpoints kept (default: {d.keep_snapshots})")
     a("--log-every", type=int, help="steps between metric lines (default: 50; CPU preset 10)")
     a("--nan-policy", choices=["stop", "skip"], help=f"on a non-finite loss: stop, or skip the update (default: {d.nan_policy})")
+    a("--nan-check-every", type=int, help="steps between non-finite loss checks, each a host sync (default: 0 = "
+      "every step on the reference backend, every --log-every steps on the fast one)")
     a("--workers", type=int, help="data-loader workers (default: 0 on CPU, min(8, cores) on CUDA)")
     return p
 
@@ -196,6 +200,8 @@ def check_options(o: TrainOptions) -> None:
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")
+    if not isinstance(o.nan_check_every, int) or o.nan_check_every < 0:
+        raise UsageError(f"--nan-check-every must be >= 0, got {o.nan_check_every!r}")
     for name in ("steps", "sample_every", "ckpt_every", "log_every"):
         if not isinstance(getattr(o, name), int) or getattr(o, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(o, name)!r}")

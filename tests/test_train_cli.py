@@ -219,3 +219,15 @@ def test_fast_backend_trains_through_the_cli(tmp_path):
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     from g2g_fast.reference.funit import Generator
     Generator(nf=8, nf_mlp=16, latent_dim=8).load_state_dict(ckpt["gen"], strict=True)  # same keys
+
+
+def test_nonfinite_check_window_never_saves_a_bad_state(tmp_path, capsys):
+    """Checked every 3 steps, the error names the window; a checkpoint step always checks first,
+    so the non-finite state of step 2 is never written."""
+    code = main(tiny_args("naive", tmp_path / "a", 6, "--set", "lr=1e30", "--nan-check-every", "3",
+                          "--ckpt-every", "100"))
+    assert code == 1 and "non-finite loss at steps 1-3" in capsys.readouterr().err
+    code = main(tiny_args("naive", tmp_path / "b", 6, "--set", "lr=1e30", "--nan-check-every", "3",
+                          "--ckpt-every", "2"))
+    assert code == 1 and "non-finite loss at step" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "checkpoints" / "last.pt").exists()

@@ -67,7 +67,7 @@ class BatchStream:
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, start_step: int = 0, num_workers: int = 0,
-                 drop_last: bool = True):
+                 drop_last: bool = True, pin_memory: bool = False):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if len(dataset) < batch_size:
@@ -79,7 +79,7 @@ class BatchStream:
         self.batches_per_epoch = sampler.per_epoch
         self.step = start_step
         self._loader = DataLoader(_Augmented(dataset, seed), batch_sampler=sampler, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0)
+                                  persistent_workers=num_workers > 0, pin_memory=pin_memory)
         self._it = iter(self._loader)  # the sampler never ends, so this one iterator serves every epoch
 
     @property
