@@ -1,0 +1,160 @@
+"""`g2g_fast.evaluate`: metrics on constructed models (a perfect swapper from the synthetic ground
+truth, the identity), determinism, and the CLI on a tiny trained checkpoint."""
+import json
+
+import pytest
+import torch
+
+from g2g_fast import evaluate as E
+from g2g_fast.data import SyntheticDataset
+
+SIZE, CLASSES = 32, 6
+
+
+def render(ds: SyntheticDataset, label: int, factors: torch.Tensor) -> torch.Tensor:
+    """The image SyntheticDataset would render for (label, factors), in [-1, 1]: its own `render`
+    run on a one-image stand-in whose label and factors are the given ones."""
+    class One:
+        image_size = ds.image_size
+        labels = [label]
+
+        @staticmethod
+        def factors(i):
+            return factors
+
+    return SyntheticDataset.render(One, 0).float().div_(127.5).sub_(1.0)
+
+
+class PerfectSwapper:
+    """Looks every image up in a table of (label, factors): content code = factors, class code =
+    one-hot label, decode = render. Decoded images are added to the table (for the second stage)."""
+
+    def __init__(self, ds, sets):
+        self.ds, self.table = ds, {}
+        for s in sets:
+            for x, y, f in zip(s.x, s.y, s.factors):
+                self.table[x.numpy().tobytes()] = (int(y), f)
+
+    def _look(self, x):
+        return [self.table[xi.numpy().tobytes()] for xi in x]
+
+    def encode_content(self, x):
+        return torch.stack([f for _, f in self._look(x)])
+
+    def encode_class(self, x):
+        return torch.nn.functional.one_hot(torch.tensor([y for y, _ in self._look(x)]), CLASSES).float()
+
+    def decode(self, content, class_code):
+        out = []
+        for f, c in zip(content, class_code):
+            img = render(self.ds, int(c.argmax()), f)
+            self.table[img.numpy().tobytes()] = (int(c.argmax()), f)
+            out.append(img)
+        return torch.stack(out)
+
+
+class Identity:
+    def encode_content(self, x):
+        return x
+
+    def encode_class(self, x):
+        return torch.zeros(x.shape[0], 4)
+
+    def decode(self, content, class_code):
+        return content
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("probes")
+    train, held, C, identity, _ = E.prepare_data("synthetic", image_size=SIZE, synthetic_classes=CLASSES,
+                                                 synthetic_per_class=64, samples=48, probe_train=288)
+    probes = E.build_probes(train, identity, cache)
+    ds = SyntheticDataset(image_size=SIZE, num_classes=CLASSES, per_class=64, split="test")
+    return train, held, C, probes, ds, identity, cache
+
+
+def test_render_helper_matches_the_dataset(setup):
+    ds = setup[4]
+    assert torch.equal(render(ds, ds.labels[70], ds.factors(70)), ds.get(70)[0])
+
+
+def test_perfect_swapper_scores_full_swap_and_no_content_error(setup):
+    train, held, C, probes, ds, _, _ = setup
+    m = E.evaluate_model(PerfectSwapper(ds, [held, train]), train, held, probes, C, samples=48, leak_train=192)
+    assert m["probe_class_acc"] >= 0.9
+    assert m["swap_acc"] >= 0.9 and m["swap_kept_acc"] <= 0.1
+    # The mixes are real renders of (x2's class, x1's factors): the probe errs on them as on real images.
+    assert m["content_error"] <= m["probe_content_error"] * 1.5 + 0.02
+    assert m["content_error"] < 0.3
+    assert m["recon_long_l1"] < 1e-6 and m["recon_short_l1"] < 1e-6 and m["recon_long_psnr"] == E.PSNR_CAP
+    # content codes = factors carry no class; class codes = one-hot labels carry no factors
+    assert m["leak_class_from_content_acc"] <= 1 / C + 0.15
+    assert m["leak_factors_from_class_r2"] < 0.1
+
+
+def test_identity_scores_chance_swap_and_exact_reconstruction(setup):
+    train, held, C, probes, _, _, _ = setup
+    m = E.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
+    assert m["swap_acc"] <= 1 / C + 0.1 and m["swap_kept_acc"] >= 0.9
+    assert m["recon_short_l1"] == 0 and m["recon_long_l1"] == 0 and m["recon_short_psnr"] == E.PSNR_CAP
+    # m1 = x1: the content is intact (the swap is what fails)
+    assert m["content_error"] == pytest.approx(m["probe_content_error"], abs=0.1)
+    assert m["leak_class_from_content_acc"] >= 0.8  # the content code is the image itself
+
+
+def test_content_error_detects_wrong_content(setup):
+    """A swapper that renders x2's class with x2's content (= returns x2) has a large content error."""
+    train, held, C, probes, _, _, _ = setup
+    i1, i2 = E.pair_indices(held.y, 48, 0)
+    wrong, _ = E.content_error(probes, held.x[i2], held.factors[i1])
+    right, _ = E.content_error(probes, held.x[i1], held.factors[i1])
+    assert wrong > 0.6 and right < 0.3
+
+
+def test_metrics_are_deterministic_and_probes_cached(setup):
+    train, held, C, probes, ds, identity, cache = setup
+    assert len(list(cache.iterdir())) == 2
+    again = E.build_probes(train, identity, cache)  # loaded from the cache
+    x = held.x[:16]
+    assert torch.equal(again.classifier.predict(x), probes.classifier.predict(x))
+    assert torch.equal(again.regressor.predict(x), probes.regressor.predict(x))
+    # retraining from scratch (a short recipe, to keep the test quick) gives the same probes
+    small = train.subset(torch.arange(0, len(train), 4))
+    p1, p2 = (E.build_probes(small, None, None, steps=15) for _ in range(2))
+    assert torch.equal(p1.classifier.predict(x), p2.classifier.predict(x))
+    assert torch.equal(p1.regressor.predict(x), p2.regressor.predict(x))
+    a = E.evaluate_model(Identity(), train, held, p1, C, samples=24, seed=3, leak_train=96)
+    b = E.evaluate_model(Identity(), train, held, p2, C, samples=24, seed=3, leak_train=96)
+    assert json.dumps(a) == json.dumps(b)
+
+
+def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
+    from g2g_fast.train import main as train_main
+    run = tmp_path / "run"
+    assert train_main(["--approach", "funit2funit", "--device", "cpu", "--image-size", "32", "--batch-size", "4",
+                       "--steps", "2", "--out", str(run), "--log-every", "1", "--sample-every", "2",
+                       "--ckpt-every", "2", "--set", "nf=8", "--set", "nf_mlp=16", "--set", "latent_dim=8",
+                       "--set", "dis_nf=8", "--set", "dis_n_res_blks=4", "--set", "synthetic_classes=4",
+                       "--set", "synthetic_per_class=16"]) == 0
+    out = tmp_path / "m.json"
+    args = ["--checkpoint", str(run / "checkpoints" / "last.pt"), "--samples", "16", "--probe-train", "64", "--probe-steps", "20",
+            "--probe-cache", str(tmp_path / "cache"), "--json", str(out), "--device", "cpu"]
+    assert E.main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) == set(E.METRIC_KEYS)
+    assert report["num_classes"] == 4 and report["image_size"] == 32
+    assert all(report["metrics"][k] is not None for k in E.METRIC_KEYS)
+    assert "class swap accuracy" in capsys.readouterr().out
+    out2 = tmp_path / "m2.json"
+    assert E.main(args[:-3] + [str(out2), "--device", "cpu"]) == 0   # probes from the cache
+    assert json.loads(out2.read_text())["metrics"] == report["metrics"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert E.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "missing.pt" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        E.main([])
+    assert e.value.code == 2
