@@ -3,10 +3,11 @@
 
     python bench/gpu_report.py [--out bench/results] [--budget-s 420] [--smoke]
 
-Sections, in order (each in its own try/except: an error is recorded and the report goes on):
+Sections, in order of value (each in its own try/except: an error is recorded and the report
+goes on; the slowest to set up come last so the budget cuts them first):
   environment   GPU, driver, CUDA, cuDNN, torch, triton, git commit, date
   peaks         device copy bandwidth (1 GiB y.copy_(x), bytes = 2 x size) and bf16 matmul
-                TFLOP/s (8192^3, 2*n^3 FLOPs)
+                TFLOP/s (8192^3, 2*n^3 FLOPs; the MFU denominator)
   parity        kernels.adain(impl="triton") against g2g_fast.reference.ops.adain_ref upcast to
                 fp32, forward and every gradient, at the four FUNIT shapes (B=64), fp32 NCHW and
                 bf16 channels_last, for act none / relu / relu+residual with (B, C) weights.
@@ -15,14 +16,30 @@ Sections, in order (each in its own try/except: an error is recorded and the rep
                 Where act is ReLU, the upstream gradient is zeroed where the fp32 pre-activation
                 is within 1e-3 of the kink: there a one-ulp difference legitimately flips the
                 derivative, and at 10^8 elements some element always lands there.
+  model_parity  FUNIT2FUNIT at 128^2, batch 8: the fast backend (fp32) against the fp32 reference
+                with identical weights and optimiser states (a deepcopy of the reference's
+                state_dict), TF32 off. Relative max error (max|fast - ref| / max|ref|) of every
+                G2G output (m1, m2, s1, s2: <= 1e-4; r1, r2: <= 1e-3); after one g_step each, the
+                all-parameter G gradient error ||g_fast - g_ref|| / ||g_ref|| (<= 0.1: rounding-
+                level differences flip a few ReLU masks, see tests/test_fast_parity.py); after
+                one d_step each from re-synchronised states, the same for D (<= 1e-4, R1 included).
+  train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
+                FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
+                reference-bf16-cl, reference-bf16-cl-compile and fast; naive and CycleFUNIT with
+                reference-fp32 and fast. A FLOP-counted eager iteration, warm-up (compile
+                included), then 5 timed iterations (CUDA events, median): img/s, FLOPs, MFU
+                against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,
+                speedups vs reference-fp32 and vs the best stock (PyTorch-only) provider, and
+                issue 5's targets: fast >= 3x reference-fp32, >= 1.5x the best stock variant,
+                peak memory <= 0.6x reference-fp32, MFU >= 35%.
   bandwidth     GB/s of fwd, bwd and fwd+bwd of the AdaIN ResBlock epilogue (relu, residual,
                 (B, C) weights) for triton / torch eager / torch.compile(reference), both formats,
                 from the byte ledger in bench/_shapes.py; median of CUDA-event timings after
                 warm-up, L2 flushed before each rep; fraction of copy bandwidth; speedups.
-  train_step    img/s of one fp32 reference training iteration per approach (128^2, batch 64).
 
-The issue's targets (bf16 channels_last, fwd+bwd: >= 80% of copy bandwidth, >= 3x eager,
->= 1.3x torch.compile) are printed beside the measured numbers as met / missed.
+The kernel targets (bf16 channels_last, fwd+bwd: >= 80% of copy bandwidth, >= 3x eager,
+>= 1.3x torch.compile) and the training-step targets are printed beside the measured numbers as
+met / missed.
 
 A global budget (--budget-s) skips the remaining work with a note once it would be exceeded.
 The JSON is rewritten after every section, so a run cut short still leaves its results in
@@ -31,16 +48,22 @@ The JSON is rewritten after every section, so a run cut short still leaves its r
 --smoke: tiny shapes, few reps, runs on the CPU so CI can prove the script works. The "triton"
 provider uses impl="triton" only under TRITON_INTERPRET=1 (else impl="ref", noted), and
 torch.compile uses backend="aot_eager" (inductor's CPU codegen takes ~30 s per shape).
+model_parity and train_step run the smallest configurations (bench/_train.py SMOKE_VALUES), one
+timed iteration each, and force the fast generator's norms to impl="ref" (the interpreter would
+take minutes per step; the parity section covers the Triton path); the compiled training-step
+provider uses backend="eager" (dynamo's capture of the generator's methods, without codegen).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -53,14 +76,20 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's packages, not
 import torch  # noqa: E402
 
 import _shapes as S  # noqa: E402
+import _train as T  # noqa: E402
 
 TARGETS = {"frac_of_copy_bw": 0.80, "vs_eager": 3.0, "vs_compile": 1.3}
 RTOL32 = ATOL32 = 1e-4
 ATOL_LOWP = 1e-2
 KINK = 1e-3
 VARIANTS = {"none": ("none", False), "relu": ("relu", False), "relu+residual": ("relu", True)}
-APPROACHES = ("funit2funit", "cyclefunit", "naive")
-SMOKE_STEP = {"cyclefunit": dict(image_size=32, batch_size=2, nf=16, nf_mlp=32, latent_dim=16, patch_nf=16)}
+# Model parity: relative max error bounds per G2G output stage and per network's gradients.
+PARITY_TOL = {"stage1": 1e-4, "stage2": 1e-3, "g_grad": 0.1, "d_grad": 1e-4}
+STAGE1, STAGE2 = ("m1", "m2", "s1", "s2"), ("r1", "r2")
+PARITY_VALUES = dict(image_size=128, batch_size=8)  # FUNIT widths (config defaults)
+# Issue 5's training-step targets for fast on FUNIT2FUNIT; "max" marks an upper bound.
+STEP_TARGETS = {"vs_reference_fp32": (3.0, "min"), "vs_best_stock": (1.5, "min"),
+                "peak_memory_ratio": (0.6, "max"), "mfu": (0.35, "min")}
 
 
 class Ctx:
@@ -72,15 +101,22 @@ class Ctx:
         self.name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else "cpu"
         self.B, self.shapes = (S.SMOKE_B, S.SMOKE_SHAPES) if args.smoke else (S.FUNIT_B, S.FUNIT_SHAPES)
         self.warmup, self.reps = (1, 2) if args.smoke else (3, 20)
+        self.scale, self.step_reps = ("smoke", 1) if args.smoke else ("gpu", 5)
+        self.matmul_n = 256 if args.smoke else 8192
         interp = os.environ.get("TRITON_INTERPRET") == "1"
         self.impl = "triton" if (self.dev.type == "cuda" or interp) else "ref"
         self.compile_backend = "aot_eager" if args.smoke else "inductor"
+        # The compiled training-step provider in --smoke: dynamo capture only (aot_eager adds ~10 s).
+        self.step_compile_backend = "eager" if args.smoke else "inductor"
+        # The fast generator's fused norms in model_parity / train_step: "auto" on a GPU.
+        self.model_impl = "ref" if self.dev.type == "cpu" else None
         self.notes: list[str] = []
         if self.impl == "ref":
             self.notes.append('no GPU and TRITON_INTERPRET!=1: provider "triton" runs impl="ref"')
         if args.smoke:
             self.notes.append("--smoke: tiny shapes, CPU, few reps; numbers are not meaningful; "
-                              'torch.compile uses backend="aot_eager"')
+                              'torch.compile uses backend="aot_eager" (train_step: "eager"); model_parity '
+                              'and train_step: tiniest configs, fast generator with impl="ref"')
         self.report = {"meta": {"smoke": args.smoke, "budget_s": args.budget_s, "notes": self.notes},
                        "skipped": [], "errors": []}
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -144,11 +180,7 @@ def environment(ctx: Ctx, out: dict) -> None:
 
 def peaks(ctx: Ctx, out: dict) -> None:
     out["copy_gbps"] = S.copy_bandwidth_gbps(ctx.dev, nbytes=2**26 if ctx.smoke else 2**30, reps=ctx.reps)
-    n = 256 if ctx.smoke else 8192
-    a, b = (torch.randn(n, n, device=ctx.dev, dtype=torch.bfloat16) for _ in range(2))
-    c = torch.empty_like(a)
-    ms = S.median_ms(lambda: torch.matmul(a, b, out=c), ctx.dev, warmup=ctx.warmup, reps=ctx.reps)
-    out.update(matmul_n=n, matmul_bf16_tflops=2 * n**3 / (ms * 1e-3) / 1e12)
+    out.update(matmul_n=ctx.matmul_n, matmul_bf16_tflops=T.matmul_peak_tflops(ctx.dev, ctx.matmul_n, reps=ctx.reps))
 
 
 def _compare(fast, r32, lowp) -> dict:
@@ -272,43 +304,192 @@ def _summary(rows: list) -> list:
     return summary
 
 
-def train_step(ctx: Ctx, out: dict) -> None:
-    from g2g_fast.config import config_from_dict
-    from g2g_fast.reference.steps import build_approach
-    out["rows"] = []
-    plan = SMOKE_STEP if ctx.smoke else {a: dict(image_size=128, batch_size=64) for a in APPROACHES}
-    if ctx.smoke:
-        ctx.notes.append("--smoke: train_step runs one tiny cyclefunit config only")
-    for approach, values in plan.items():
-        if ctx.skip(f"train_step {approach}", 10 if ctx.smoke else 40):
+def _rel_max(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max|got - want| / max|want| (nan if got is not finite)."""
+    got, want = got.detach().float(), want.detach().float()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def _grad_rel(fast_net, ref_net) -> tuple[float, list[str]]:
+    """||g_fast - g_ref|| / ||g_ref|| over all parameters with a reference gradient, and the names
+    of those the fast side has no gradient for."""
+    fast = dict(fast_net.named_parameters())
+    num = den = 0.0
+    missing = []
+    for n, p in ref_net.named_parameters():
+        if p.grad is None:
             continue
-        row = dict(approach=approach, precision="fp32 reference", **values)
-        ap = None
-        try:
-            cfg = config_from_dict(approach, values)
+        if fast[n].grad is None:
+            missing.append(n)
+            continue
+        g = p.grad.float()
+        num += (fast[n].grad.float() - g).pow(2).sum().item()
+        den += g.pow(2).sum().item()
+    return (num / den) ** 0.5 if den > 0 else float("nan"), missing
+
+
+def _phase_parity(ref, fast, phase: str, x, xc, y) -> dict:
+    """One `phase` step ("g" or "d") on each side; gradient and loss errors."""
+    lr = getattr(ref, f"{phase}_step")(x, y)
+    lf = getattr(fast, f"{phase}_step")(xc, y)
+    nets = (fast.gen, ref.gen) if phase == "g" else (fast.dis, ref.dis)
+    err, missing = _grad_rel(*nets)
+    tol = PARITY_TOL[f"{phase}_grad"]
+    loss_err = max(abs(lf[k].item() - lr[k].item()) / max(abs(lr[k].item()), 1e-12) for k in lr)
+    return dict(grad_rel_err=err, tol=tol, missing_grads=missing, loss_max_rel_err=loss_err,
+                ok=bool(err <= tol) and not missing)
+
+
+def model_parity(ctx: Ctx, out: dict) -> None:
+    from g2g_fast.backends import FastBackend
+    from g2g_fast.config import config_from_dict
+    from g2g_fast.reference.g2g import g2g_forward, make_pairs
+    from g2g_fast.reference.steps import build_approach
+    values = T.SMOKE_VALUES["funit2funit"] if ctx.smoke else PARITY_VALUES
+    out.update(approach="funit2funit", config=values, tolerances=PARITY_TOL, rule=(
+        "outputs: max|fast-ref|/max|ref| (stage 1 m1 m2 s1 s2 <= 1e-4, stage 2 r1 r2 <= 1e-3); gradients "
+        "after one step each from identical states: ||g_fast-g_ref|| / ||g_ref|| over all parameters "
+        "(G <= 0.1, D <= 1e-4); fp32, TF32 off"))
+    ref = fast = None
+    try:
+        with T.numerics("reference-fp32"):  # both sides true fp32
+            cfg = config_from_dict("funit2funit", values)
             torch.manual_seed(0)
-            ap = build_approach(cfg, 119, ctx.dev)
-            x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=ctx.dev) * 2 - 1
-            y = torch.randint(0, 119, (cfg.batch_size,), device=ctx.dev)
-            ap.train_step(x, y)  # warm-up: cuDNN autotuning, allocator
-            times = []
-            for _ in range(1 if ctx.smoke else 3):
-                S.sync(ctx.dev)
-                t = time.perf_counter()
-                ap.train_step(x, y)
-                S.sync(ctx.dev)
-                times.append(time.perf_counter() - t)
-            s = sorted(times)[len(times) // 2]
-            row.update(s_per_step=s, img_per_s=cfg.batch_size / s, reps=len(times))
-        except Exception as e:
-            row["error"] = ctx.error(f"train_step {approach}", e)
-        out["rows"].append(row)
-        del ap
+            ref = build_approach(cfg, T.NUM_CLASSES, ctx.dev)
+            fast = build_approach(cfg, T.NUM_CLASSES, ctx.dev, backend=FastBackend())
+            if ctx.model_impl:
+                fast.gen.impl = ctx.model_impl
+            # A deepcopy: loading the reference's own tensors would alias the optimiser states.
+            fast.load_state_dict(copy.deepcopy(ref.state_dict()))
+            out["describe"] = fast.backend.describe(fast)
+            if ctx.model_impl:
+                out["describe"]["kernels"] = f"adain:{ctx.model_impl} (forced)"
+            x, y = T.make_batch(cfg, ctx.dev)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            (x1, _, x2, _), (xc1, _, xc2, _) = make_pairs(x, y, cfg.pairing), make_pairs(xc, y, cfg.pairing)
+            with torch.no_grad():
+                o_ref = g2g_forward(ref.gen, x1, x2, short=True)
+                o_fast = g2g_forward(fast.gen, xc1, xc2, short=True)
+            out["outputs"] = {}
+            for name in STAGE1 + STAGE2:
+                err = _rel_max(getattr(o_fast, name), getattr(o_ref, name))
+                tol = PARITY_TOL["stage1" if name in STAGE1 else "stage2"]
+                out["outputs"][name] = dict(rel_err=err, tol=tol, ok=bool(err <= tol))
+            del o_ref, o_fast
+            out["g_step"] = _phase_parity(ref, fast, "g", x, xc, y)
+            fast.load_state_dict(copy.deepcopy(ref.state_dict()))  # identical states again for D
+            out["d_step"] = _phase_parity(ref, fast, "d", x, xc, y)
+    finally:
+        out["all_pass"] = (bool(out.get("outputs")) and all(o["ok"] for o in out["outputs"].values())
+                           and out.get("g_step", {}).get("ok", False) and out.get("d_step", {}).get("ok", False))
+        del ref, fast
         ctx.free()
 
 
+def _time_steps(ctx: Ctx, run, reps: int) -> tuple[list[float], dict, bool]:
+    """Seconds of `reps` iterations (CUDA events around each, no host sync between them), mean
+    ms per phase (PhaseTimer: CUDA events), and whether the last iteration's losses are finite."""
+    from g2g_fast.train import PhaseTimer
+    timer, spans, losses = PhaseTimer(ctx.dev), [], {}
+    for _ in range(reps):
+        if ctx.dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses = run.step(timer)
+            end.record()
+            spans.append((start, end))
+        else:
+            t = time.perf_counter()
+            losses = run.step(timer)
+            spans.append(time.perf_counter() - t)
+    S.sync(ctx.dev)
+    secs = [s.elapsed_time(e) / 1e3 for s, e in spans] if ctx.dev.type == "cuda" else spans
+    phases = {k: 1e3 * v / reps for k, v in timer.collect().items()}
+    finite = all(bool(torch.isfinite(v).all()) for v in losses.values())
+    return secs, phases, finite
+
+
+def _step_row(ctx: Ctx, approach: str, provider: str, peak_tflops: float | None) -> dict:
+    values = T.SCALES[ctx.scale][approach]
+    row = dict(approach=approach, provider=provider, image_size=values["image_size"],
+               batch_size=values["batch_size"])
+    run = None
+    try:
+        with T.numerics(provider):
+            t = time.monotonic()
+            run = T.prepare(approach, provider, ctx.dev, values, compile_backend=ctx.step_compile_backend,
+                            adain_impl=ctx.model_impl)
+            row["describe"] = run.describe()
+            warm = T.warmup_steps(provider, ctx.dev)
+            for _ in range(warm):
+                run.step()
+            S.sync(ctx.dev)
+            row.update(flops=run.flops, warmup=1 + warm, setup_s=round(time.monotonic() - t, 1))
+            if ctx.dev.type == "cuda":  # the peak of the timed iterations (no empty_cache: keep the pool)
+                torch.cuda.reset_peak_memory_stats(ctx.dev)
+            secs, phases, finite = _time_steps(ctx, run, ctx.step_reps)
+            s = statistics.median(secs)
+            row.update(reps=len(secs), s_per_step=s, img_per_s=values["batch_size"] / s, phase_ms=phases,
+                       losses_finite=finite, tflops_per_s=run.flops / s / 1e12 if run.flops else None,
+                       mfu=T.mfu(run.flops, s, peak_tflops), peak_memory_gib=T.peak_memory_gib(ctx.dev))
+    except Exception as e:
+        row["error"] = ctx.error(f"train_step {approach} {provider}", e)
+    finally:
+        del run
+        T.free(ctx.dev, dynamo=T.PROVIDERS[provider].compile)
+    return row
+
+
+def train_step(ctx: Ctx, out: dict) -> None:
+    peak = ctx.report.get("peaks", {}).get("matmul_bf16_tflops")
+    if peak is None:
+        peak = T.matmul_peak_tflops(ctx.dev, ctx.matmul_n, reps=ctx.reps)
+    out.update(rows=[], matmul_bf16_tflops=peak, targets={k: v for k, (v, _) in STEP_TARGETS.items()},
+               timing=f"FLOP-counted eager iteration + warm-up, then median of {ctx.step_reps} iterations "
+                      + ("(CUDA events)" if ctx.dev.type == "cuda" else "(perf_counter)"))
+    # T.STEP_PLAN's order: FUNIT2FUNIT first (the targets), its compiled provider last of the four.
+    for approach, providers in T.STEP_PLAN.items():
+        for provider in providers:
+            need = (150 if T.PROVIDERS[provider].compile else 30) if not ctx.smoke else 2
+            if ctx.skip(f"train_step {approach} {provider}", need):
+                continue
+            out["rows"].append(_step_row(ctx, approach, provider, peak))
+            out["summary"] = _step_summary(out["rows"])
+            write(ctx)  # a budget cut or crash later still leaves these rows
+
+
+def _step_summary(rows: list) -> list:
+    """Per approach: speedups of every provider vs reference-fp32 and vs the best stock provider,
+    peak-memory ratios (written into the rows), and fast's verdicts on the FUNIT2FUNIT targets."""
+    summary = []
+    for approach in T.STEP_PLAN:
+        got = {r["provider"]: r for r in rows if r["approach"] == approach and r.get("img_per_s")}
+        if not got:
+            continue
+        base = got.get("reference-fp32")
+        stock = [p for p in got if T.PROVIDERS[p].stock]
+        best = max(stock, key=lambda p: got[p]["img_per_s"]) if stock else None
+        for r in got.values():
+            r["vs_reference_fp32"] = r["img_per_s"] / base["img_per_s"] if base else None
+            r["vs_best_stock"] = r["img_per_s"] / got[best]["img_per_s"] if best else None
+            mem, mem0 = r.get("peak_memory_gib"), base and base.get("peak_memory_gib")
+            r["peak_memory_ratio"] = mem / mem0 if mem and mem0 else None
+        s = dict(approach=approach, best_stock=best,
+                 stock_measured=sorted(stock), stock_complete=set(stock) == {p for p in T.STEP_PLAN[approach]
+                                                                            if T.PROVIDERS[p].stock})
+        fast = got.get("fast")
+        if fast is not None:
+            s.update({k: fast.get(k) for k in STEP_TARGETS})
+            if approach == "funit2funit":
+                s["targets"] = {k: (None if fast.get(k) is None else
+                                    bool(fast[k] <= t if kind == "max" else fast[k] >= t))
+                                for k, (t, kind) in STEP_TARGETS.items()}
+        summary.append(s)
+    return summary
+
+
 SECTIONS = (("environment", environment, 0), ("peaks", peaks, 10), ("parity", parity, 20),
-            ("bandwidth", bandwidth, 20), ("train_step", train_step, 10))
+            ("model_parity", model_parity, 20), ("train_step", train_step, 30), ("bandwidth", bandwidth, 20))
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,6 +503,72 @@ def _verdict(ok):
     return "n/a" if ok is None else ("met" if ok else "missed")
 
 
+def _step_targets_markdown(ts: dict) -> list:
+    f2f = next((s for s in ts.get("summary", []) if s["approach"] == "funit2funit"), {})
+    v = f2f.get("targets", {})
+    best = f2f.get("best_stock") or "-"
+    if best != "-" and not f2f.get("stock_complete"):
+        best += f" (measured: {', '.join(f2f.get('stock_measured', []))})"
+    fast = next((r for r in ts.get("rows", []) if (r["approach"], r["provider"]) == ("funit2funit", "fast")), {})
+    L = [f"## Targets: training step, FUNIT2FUNIT {fast.get('image_size', '-')}^2 batch "
+         f"{fast.get('batch_size', '-')} (fast)", "", "| target | measured | verdict |", "|---|---|---|",
+         f"| img/s >= 3x reference-fp32 | {_f(f2f.get('vs_reference_fp32'), '.2f')}x "
+         f"| {_verdict(v.get('vs_reference_fp32'))} |",
+         f"| img/s >= 1.5x best stock ({best}) | {_f(f2f.get('vs_best_stock'), '.2f')}x "
+         f"| {_verdict(v.get('vs_best_stock'))} |",
+         f"| peak memory <= 0.6x reference-fp32 | {_f(f2f.get('peak_memory_ratio'), '.2f')}x "
+         f"| {_verdict(v.get('peak_memory_ratio'))} |",
+         f"| MFU >= 35% | {_f(f2f.get('mfu'), '.1%')} | {_verdict(v.get('mfu'))} |", ""]
+    return L
+
+
+def _model_parity_markdown(mp: dict) -> list:
+    L = [f"## Model parity (fast fp32 vs reference fp32, {mp.get('approach', '-')} {mp.get('config', '')}): "
+         + ("all pass" if mp.get("all_pass") else "NOT all pass"), "", f"Rule: {mp.get('rule', '-')}",
+         f"Fast backend: {_describe(mp.get('describe'))}", "", "| quantity | relative error | bound | pass |",
+         "|---|---|---|---|"]
+    for name, o in mp.get("outputs", {}).items():
+        L.append(f"| {name} | {o['rel_err']:.2e} | {o['tol']:.0e} | {'ok' if o['ok'] else 'FAIL'} |")
+    for phase, net in (("g_step", "G"), ("d_step", "D")):
+        o = mp.get(phase)
+        if o:
+            extra = f" (no fast grad: {', '.join(o['missing_grads'][:3])})" if o["missing_grads"] else ""
+            L.append(f"| {net} gradients after one {phase} (losses {o['loss_max_rel_err']:.1e}) "
+                     f"| {o['grad_rel_err']:.2e} | {o['tol']:.0e} | {'ok' if o['ok'] else 'FAIL'}{extra} |")
+    if "error" in mp:
+        L.append(f"\nerror: {mp['error']}")
+    return L + [""]
+
+
+def _describe(d: dict | None) -> str:
+    if not d:
+        return "-"
+    keys = ("generator", "kernels", "optimizer", "precision", "memory_format", "compiled", "tf32")
+    return ", ".join(f"{k}={d[k]}" for k in keys if k in d)
+
+
+def _step_markdown(ts: dict) -> list:
+    L = ["", "## Training step throughput (D step + G step + EMA)", "",
+         f"bf16 matmul peak {_f(ts.get('matmul_bf16_tflops'))} TFLOP/s (the MFU denominator); "
+         f"{ts.get('timing', '')}. FLOPs: FlopCounterMode around one eager train_step (R1's double "
+         "backward included).", "",
+         "| approach | provider | image | batch | img/s | ms/step | D ms | G ms | EMA ms | TFLOP/iter | TFLOP/s "
+         "| MFU | peak GiB | vs ref-fp32 | vs best stock | setup s | what ran |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ts.get("rows", []):
+        ph = r.get("phase_ms", {})
+        fl = r.get("flops")
+        what = _describe(r.get("describe")) + ("" if r.get("losses_finite", True) else " NON-FINITE LOSS")
+        L.append(" | ".join([
+            f"| {r['approach']}", r["provider"], str(r["image_size"]), str(r["batch_size"]), _f(r.get("img_per_s")),
+            _f(r.get("s_per_step") and 1e3 * r["s_per_step"]), _f(ph.get("D")), _f(ph.get("G")),
+            _f(ph.get("ema"), ".2f"), _f(fl and fl / 1e12, ".2f"), _f(r.get("tflops_per_s")), _f(r.get("mfu"), ".1%"),
+            _f(r.get("peak_memory_gib"), ".2f"), _f(r.get("vs_reference_fp32"), ".2f"),
+            _f(r.get("vs_best_stock"), ".2f"), _f(r.get("setup_s")),
+            what + (f" {r['error']}" if "error" in r else "")]) + " |")
+    return L
+
+
 def markdown(ctx: Ctx) -> str:
     rep = ctx.report
     env, pk = rep.get("environment", {}), rep.get("peaks", {})
@@ -331,6 +578,8 @@ def markdown(ctx: Ctx) -> str:
     L += [f"| {k} | {v} |" for k, v in env.items() if k != "argv"]
     L += ["", "## Device peaks", "", "| copy bandwidth (GB/s) | bf16 matmul TFLOP/s (n) |", "|---|---|",
           f"| {_f(pk.get('copy_gbps'))} | {_f(pk.get('matmul_bf16_tflops'))} ({pk.get('matmul_n', '-')}) |", ""]
+    L += _step_targets_markdown(rep.get("train_step", {}))
+    L += _model_parity_markdown(rep.get("model_parity", {}))
     bw = rep.get("bandwidth", {})
     tgt = [s for s in bw.get("summary", []) if "targets" in s]
     L += ["## Targets: AdaIN ResBlock epilogue, bf16 channels_last, fwd+bwd", "",
@@ -376,12 +625,7 @@ def markdown(ctx: Ctx) -> str:
                          + " | ".join([_f(g["triton"] and g["triton"]["gbps"]), _f(s.get("frac_of_copy_bw"), ".0%"),
                                        _f(g["torch"] and g["torch"]["gbps"]), _f(g["compile"] and g["compile"]["gbps"]),
                                        _f(s.get("vs_eager"), ".2f"), _f(s.get("vs_compile"), ".2f")]) + " |")
-    L += ["", "## Reference training step (fp32, PyTorch defaults)", "",
-          "| approach | image | batch | s/step | img/s |",
-          "|---|---|---|---|---|"]
-    for r in rep.get("train_step", {}).get("rows", []):
-        L.append(f"| {r['approach']} | {r['image_size']} | {r['batch_size']} | {_f(r.get('s_per_step'), '.3f')} | "
-                 f"{_f(r.get('img_per_s'))} |" + (f" {r['error']}" if "error" in r else ""))
+    L += _step_markdown(rep.get("train_step", {}))
     L += ["", "## Skipped and errors", ""] + [f"- skipped: {s}" for s in rep["skipped"]]
     L += [f"- error in {e['where']}: {e['error']}" for e in rep["errors"]] or ["- none"]
     L.append(f"\nSection seconds: {rep.get('section_seconds', {})}; budget {ctx.budget:.0f} s.")

@@ -1,40 +1,64 @@
-"""Throughput of one full training iteration (D step + G step + EMA) per approach.
+"""Throughput of one full training iteration (D step + G step + EMA, `Approach.train_step`).
 
-Providers so far: the fp32 reference (`g2g_fast.reference.steps`), PyTorch defaults. On CUDA the
-paper-scale configuration (128², batch 64, FUNIT widths); on the CPU a tiny one so the suite stays
-quick. img/s is reported in extra_info.
+Parametrised approach x provider (`bench/_train.py` describes the four providers): FUNIT2FUNIT
+with all four (reference-fp32, reference-bf16-cl, reference-bf16-cl-compile, fast), CycleFUNIT
+and naive with reference-fp32 and fast. On CUDA the paper-scale configuration (128², batch 64,
+119 classes, FUNIT widths); on the CPU a tiny one so the suite stays quick, where the compile and
+bf16 stock providers are skipped (with the reason) and fast runs fp32 with its norms falling back
+to the reference op (visible in extra_info["describe"]).
+
+extra_info: img/s, FLOPs per iteration (FlopCounterMode around one eager train_step, R1's double
+backward included), achieved TFLOP/s, MFU against the bf16 matmul peak measured once per session
+(8192^3 on a GPU), peak memory over the timed rounds (max_memory_allocated after
+reset_peak_memory_stats; GPU only), mean ms per phase (D, G, EMA; CUDA events) and
+`backend.describe` (which optimiser, kernels and precision ran).
 """
 import pytest
 import torch
 
+import _train as T
 from conftest import sync
-from g2g_fast.config import config_from_dict
-from g2g_fast.reference.steps import build_approach
+from g2g_fast.train import PhaseTimer
 
-CPU_TINY = {
-    "funit2funit": dict(image_size=32, batch_size=8, nf=16, nf_mlp=32, latent_dim=16, dis_nf=16, dis_n_res_blks=4),
-    "cyclefunit": dict(image_size=32, batch_size=8, nf=16, nf_mlp=32, latent_dim=16, patch_nf=16),
-    "naive": dict(image_size=32, batch_size=8, code_dim=64),
-}
-NUM_CLASSES = 119  # animal faces
+CASES = [(a, p) for a, providers in T.STEP_PLAN.items() for p in providers]
 
 
-@pytest.mark.parametrize("approach", ["funit2funit", "cyclefunit", "naive"])
-def test_train_step_reference_fp32(benchmark, device, approach):
-    values = CPU_TINY[approach] if device.type == "cpu" else dict(image_size=128, batch_size=64)
-    cfg = config_from_dict(approach, values)
-    torch.manual_seed(0)
-    ap = build_approach(cfg, NUM_CLASSES, device)
-    x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-    y = torch.randint(0, NUM_CLASSES, (cfg.batch_size,), device=device)
-
-    def step():
-        ap.train_step(x, y)
+@pytest.mark.parametrize("approach,provider", CASES, ids=[f"{a}-{p}" for a, p in CASES])
+def test_train_step(benchmark, device, approach, provider):
+    cuda = device.type == "cuda"
+    if not cuda and T.cpu_skip_reason(provider):
+        pytest.skip(T.cpu_skip_reason(provider))
+    benchmark.group = f"train_step {approach}"
+    peak_tflops = T.matmul_peak_tflops(device)
+    T.free(device)
+    values = T.SCALES["gpu" if cuda else "cpu"][approach]
+    calls = [0]
+    with T.numerics(provider):
+        run = T.prepare(approach, provider, device, values)  # FLOPs counted on the first iteration
+        for _ in range(T.warmup_steps(provider, device)):
+            run.step()
         sync()
+        timer = PhaseTimer(device)
 
-    step()  # warm-up (cuDNN autotuning, allocator)
-    benchmark.pedantic(step, rounds=3 if device.type == "cpu" else 10, iterations=1)
+        def step():
+            run.step(timer)
+            sync()
+            calls[0] += 1
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        benchmark.pedantic(step, rounds=10 if cuda else 2, iterations=1)
+        peak_gib = T.peak_memory_gib(device)
+    phases_ms = {k: 1e3 * v / calls[0] for k, v in timer.collect().items()}
+    stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
+    seconds = stats.median if stats is not None else None
     benchmark.extra_info.update(
-        provider="reference-fp32", device=str(device), image_size=cfg.image_size,
-        batch_size=cfg.batch_size, img_per_s=cfg.batch_size / benchmark.stats.stats.mean,
+        provider=provider, approach=approach, device=str(device), image_size=run.cfg.image_size,
+        batch_size=run.cfg.batch_size, num_classes=T.NUM_CLASSES,
+        img_per_s=run.cfg.batch_size / seconds if seconds else None,
+        flops_per_iter=run.flops, tflops_per_s=run.flops / seconds / 1e12 if seconds else None,
+        matmul_peak_tflops=peak_tflops, mfu=T.mfu(run.flops, seconds, peak_tflops) if seconds else None,
+        peak_memory_gib=peak_gib, phase_ms=phases_ms, describe=run.describe(),
     )
+    del run
+    T.free(device, dynamo=T.PROVIDERS[provider].compile)

@@ -1,5 +1,7 @@
 """`python bench/gpu_report.py --smoke` runs end to end on the CPU (Triton interpreter) and writes
-a JSON with every section and a markdown file, so the one-shot GPU run cannot die on a typo."""
+a JSON with every section and a markdown file, so the one-shot GPU run cannot die on a typo: kernel
+parity, model parity (fast vs reference, flags), the training-step table (every provider, the
+compiled one with backend="aot_eager"), the AdaIN bandwidth table."""
 import json
 import os
 import subprocess
@@ -36,7 +38,33 @@ def test_gpu_report_smoke(tmp_path):
     assert len(targets) == 2
     assert all(set(s["targets"]) == {"frac_of_copy_bw", "vs_eager", "vs_compile"} for s in targets)
 
-    (step,) = rep["train_step"]["rows"]
-    assert step["img_per_s"] > 0
+    mp = rep["model_parity"]
+    assert set(mp["outputs"]) == {"m1", "m2", "s1", "s2", "r1", "r2"}
+    assert all(isinstance(o["ok"], bool) and o["rel_err"] >= 0 for o in mp["outputs"].values())
+    for phase in ("g_step", "d_step"):
+        assert isinstance(mp[phase]["ok"], bool) and mp[phase]["grad_rel_err"] >= 0 and not mp[phase]["missing_grads"]
+    assert mp["all_pass"], mp  # the tiny config of tests/test_fast_parity.py passes by a wide margin
+
+    ts = rep["train_step"]
+    rows = {(r["approach"], r["provider"]): r for r in ts["rows"]}
+    assert set(rows) == {("funit2funit", p) for p in ("reference-fp32", "reference-bf16-cl",
+                                                      "reference-bf16-cl-compile", "fast")} | \
+        {(a, p) for a in ("naive", "cyclefunit") for p in ("reference-fp32", "fast")}
+    for r in rows.values():
+        assert "error" not in r and r["img_per_s"] > 0 and r["flops"] > 0 and r["mfu"] > 0, r
+        assert r["losses_finite"] and r["vs_reference_fp32"] > 0 and "G" in r["phase_ms"], r
+        assert r["describe"]["provider"] == r["provider"], r
+    assert "compiled" in rows["funit2funit", "reference-bf16-cl-compile"]["describe"]
+    assert rows["funit2funit", "reference-fp32"]["describe"]["tf32"] is False
+    # Compiling G changes no math, so the FLOP count (taken eagerly) is the bf16 reference's.
+    compiled, eager = rows["funit2funit", "reference-bf16-cl-compile"], rows["funit2funit", "reference-bf16-cl"]
+    assert compiled["flops"] == eager["flops"]
+    (f2f,) = [s for s in ts["summary"] if s["approach"] == "funit2funit"]
+    assert set(f2f["targets"]) == {"vs_reference_fp32", "vs_best_stock", "peak_memory_ratio", "mfu"}
+    assert f2f["stock_complete"]
+
     md = js.with_suffix(".md").read_text()
-    assert "## Targets" in md and "## Kernel parity" in md and proc.stdout.strip().startswith("# g2g-fast GPU report")
+    for heading in ("## Targets: training step", "## Targets: AdaIN", "## Model parity", "## Kernel parity",
+                    "## Training step throughput"):
+        assert heading in md, heading
+    assert proc.stdout.strip().startswith("# g2g-fast GPU report")
