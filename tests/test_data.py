@@ -318,7 +318,7 @@ def test_errors(tmp_path, animals, celeba):
         build_dataset(str(animals))
     with pytest.raises(DataError, match="list file gone.txt: does not exist"):
         FolderDataset(animals, list_file="gone.txt")
-    with pytest.raises(DataError, match="has 3 images, fewer than batch_size 4"):
+    with pytest.raises(DataError, match="has 3 images, fewer than the batch size 4"):
         BatchStream(SyntheticDataset(image_size=8, num_classes=3, per_class=1), 4)
 
 

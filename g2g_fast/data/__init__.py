@@ -11,11 +11,11 @@ import logging
 import os
 
 from .folder import CelebADataset, FolderDataset
-from .loader import BatchStream
+from .loader import BatchStream, StepPlan
 from .synthetic import SyntheticDataset
 from .transforms import DataError
 
-__all__ = ["BatchStream", "CelebADataset", "DataError", "FolderDataset", "SyntheticDataset", "build_dataset"]
+__all__ = ["BatchStream", "StepPlan", "CelebADataset", "DataError", "FolderDataset", "SyntheticDataset", "build_dataset"]
 
 log = logging.getLogger("g2g_fast")
 

@@ -1,11 +1,16 @@
 """The reference loader: an infinite, exactly resumable stream of batches through a torch DataLoader.
 
-Everything a batch contains is a pure function of (seed, global step):
+Everything a batch contains is a pure function of (seed, global step, rank, world size):
 - epoch e's order is `torch.randperm(n)` from a generator seeded `seed * 1_000_003 + e`;
-- global step k consumes batch `k % batches_per_epoch` of epoch `k // batches_per_epoch`;
+- global step k consumes global batch `k % batches_per_epoch` of epoch `k // batches_per_epoch`,
+  a global batch being `world_size * batch_size` consecutive entries of the order;
+- rank r takes entries `[r * batch_size, (r + 1) * batch_size)` of the global batch, so the ranks'
+  shards are disjoint, cover the epoch, and concatenated in rank order equal the batch of one
+  process with batch size `world_size * batch_size`;
 - the sample (epoch, index) is augmented with a generator seeded from (seed, epoch, index).
 So `BatchStream(..., start_step=k)` continues exactly where a stream that yielded k batches stopped,
 and the result does not depend on the number of workers or on which worker loads which sample.
+Every loader (`StepPlan` is the shared schedule) follows these rules, so they are interchangeable.
 """
 from __future__ import annotations
 
@@ -31,20 +36,45 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+class StepPlan:
+    """The schedule shared by every loader: which (epoch, index) samples rank `rank` gets at a step."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = True, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size {world_size})")
+        total = batch_size * world_size
+        if n < total:
+            per = f" ({world_size} ranks x {batch_size})" if world_size > 1 else ""
+            raise DataError(f"the dataset has {n} images, fewer than the batch size {total}{per}; "
+                            f"lower the batch size or add images")
+        if world_size > 1 and not drop_last:
+            raise DataError("drop_last=False is not supported with several ranks: the short last batch "
+                            "would be split unevenly")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.per_epoch = n // total if drop_last else math.ceil(n / total)
+        self._order, self._order_epoch = None, -1
+
+    def keys(self, step: int) -> list[tuple[int, int]]:
+        """The (epoch, index) pairs of global step `step` for this rank."""
+        epoch, b = divmod(step, self.per_epoch)
+        if epoch != self._order_epoch:
+            self._order, self._order_epoch = epoch_order(self.n, self.seed, epoch).tolist(), epoch
+        start = b * self.batch_size * self.world_size + self.rank * self.batch_size
+        return [(epoch, i) for i in self._order[start:start + self.batch_size]]
+
+
 class _StepBatches(Sampler):
     """Infinite batch sampler: lists of (epoch, index), starting at global step `start_step`."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, drop_last: bool):
-        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-        self.per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    def __init__(self, plan: StepPlan, start_step: int):
+        self.plan, self.start_step = plan, start_step
 
     def __iter__(self):
-        order, order_epoch = None, -1
         for step in itertools.count(self.start_step):
-            epoch, b = divmod(step, self.per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(self.n, self.seed, epoch).tolist(), epoch
-            yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            yield self.plan.keys(step)
 
 
 class _Augmented(torch.utils.data.Dataset):
@@ -63,20 +93,18 @@ class BatchStream:
 
     Attributes: `step` (batches yielded so far, counting `start_step`), `batches_per_epoch`, and
     `epoch` (the epoch the next batch comes from). With `drop_last=False` the last batch of each
-    epoch is smaller.
+    epoch is smaller. `batch_size` is per rank; see the module docstring for the sharding.
     """
 
+    name = "torch"
+
     def __init__(self, dataset, batch_size: int, seed: int = 0, start_step: int = 0, num_workers: int = 0,
-                 drop_last: bool = True, pin_memory: bool = False):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if len(dataset) < batch_size:
-            raise DataError(f"the dataset has {len(dataset)} images, fewer than batch_size {batch_size}; "
-                            f"lower the batch size or add images")
+                 drop_last: bool = True, pin_memory: bool = False, rank: int = 0, world_size: int = 1):
         if start_step < 0:
             raise DataError(f"start_step must be >= 0, got {start_step}")
-        sampler = _StepBatches(len(dataset), batch_size, seed, start_step, drop_last)
-        self.batches_per_epoch = sampler.per_epoch
+        plan = StepPlan(len(dataset), batch_size, seed, drop_last, rank, world_size)
+        sampler = _StepBatches(plan, start_step)
+        self.batches_per_epoch = plan.per_epoch
         self.step = start_step
         self._loader = DataLoader(_Augmented(dataset, seed), batch_sampler=sampler, num_workers=num_workers,
                                   persistent_workers=num_workers > 0, pin_memory=pin_memory)
