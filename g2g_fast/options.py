@@ -34,10 +34,12 @@ class TrainOptions:
     ckpt_every: int = 1000       # steps between checkpoints/last.pt writes
     keep_snapshots: int = 3      # periodic checkpoints/step_*.pt copies kept (0 = none)
     log_every: int = 50          # steps between metrics.jsonl lines / progress lines
+    eval_every: int = 0          # steps between evaluations (g2g_fast.evaluate metrics into metrics.jsonl); 0 = off
     nan_policy: str = "stop"     # stop | skip: what a non-finite loss does
     nan_check_every: int = 0     # steps between non-finite checks (a host sync); 0: every step on the
                                  # reference backend, every log_every steps on the fast one
     workers: int = -1            # data-loader worker processes (-1: 0 on CPU, min(8, cores) on CUDA)
+    loader: str = "auto"         # auto | torch | dali | gpu-cache (data/select.py says which and why)
     synthetic_classes: int = 8   # classes of the synthetic dataset
     synthetic_per_class: int = 256  # images per class of the synthetic dataset
     resize_to: int | None = None  # shorter side before the random crop (None: image_size * 140/128, FUNIT's)
@@ -62,8 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 FLAG_TARGETS = {
     "data": "trainer", "data_format": "trainer", "steps": "trainer", "out": "trainer",
     "device": "trainer", "precision": "trainer", "backend": "trainer", "sample_every": "trainer",
-    "ckpt_every": "trainer", "keep_snapshots": "trainer", "log_every": "trainer",
-    "nan_policy": "trainer", "nan_check_every": "trainer", "workers": "trainer",
+    "ckpt_every": "trainer", "keep_snapshots": "trainer", "log_every": "trainer", "eval_every": "trainer",
+    "nan_policy": "trainer", "nan_check_every": "trainer", "workers": "trainer", "loader": "trainer",
     "image_size": "cfg", "batch_size": "cfg", "seed": "cfg", "init_funit": "cfg",
 }
 
@@ -107,10 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt-every", type=int, help="steps between checkpoints (default: 1000; CPU preset 100)")
     a("--keep-snapshots", type=int, help=f"periodic step_*.pt checkpoints kept (default: {d.keep_snapshots})")
     a("--log-every", type=int, help="steps between metric lines (default: 50; CPU preset 10)")
+    a("--eval-every", type=int, help="steps between evaluations of the EMA generator on held-out images "
+      "(reconstruction, swap accuracy, content error, leakage; see python -m g2g_fast.evaluate), written "
+      f"to metrics.jsonl as {{\"step\", \"eval\": {{...}}}} lines (default: {d.eval_every} = off)")
     a("--nan-policy", choices=["stop", "skip"], help=f"on a non-finite loss: stop, or skip the update (default: {d.nan_policy})")
     a("--nan-check-every", type=int, help="steps between non-finite loss checks, each a host sync (default: 0 = "
       "every step on the reference backend, every --log-every steps on the fast one)")
     a("--workers", type=int, help="data-loader workers (default: 0 on CPU, min(8, cores) on CUDA)")
+    a("--loader", choices=["auto", "torch", "dali", "gpu-cache"],
+      help=f"data loader (default: {d.loader}: on CUDA, DALI for image files when installed, else the GPU "
+           "cache when the decoded data fits, else torch; torch on CPU); all give the same batches")
     return p
 
 
@@ -196,12 +204,14 @@ def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
 def check_options(o: TrainOptions) -> None:
     choices = {"data_format": ("auto", "folder", "celeba"), "device": ("auto", "cpu", "cuda"),
                "precision": ("auto", "fp32", "bf16", "fp16"), "backend": ("auto", "reference", "fast"),
-               "nan_policy": ("stop", "skip")}
+               "nan_policy": ("stop", "skip"), "loader": ("auto", "torch", "dali", "gpu-cache")}
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")
     if not isinstance(o.nan_check_every, int) or o.nan_check_every < 0:
         raise UsageError(f"--nan-check-every must be >= 0, got {o.nan_check_every!r}")
+    if not isinstance(o.eval_every, int) or o.eval_every < 0:
+        raise UsageError(f"--eval-every must be >= 0 (0 = off), got {o.eval_every!r}")
     for name in ("steps", "sample_every", "ckpt_every", "log_every"):
         if not isinstance(getattr(o, name), int) or getattr(o, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(o, name)!r}")

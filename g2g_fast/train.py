@@ -21,7 +21,7 @@ import torch
 from .backends import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import config_to_dict
-from .data import BatchStream, DataError, build_dataset
+from .data import DataError, build_dataset, build_stream
 from .options import TrainOptions, UsageError, build_parser, resolve
 from .reference.g2g import g2g_forward
 from .reference.steps import build_approach
@@ -177,8 +177,8 @@ def setup(argv):
     if preset == "cpu":
         log.info("no CUDA GPU: using the small CPU preset (64x64, reduced widths, batch 8); "
                  "on a GPU the default is the paper's configuration")
-    stream = BatchStream(dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
-                         num_workers=opts.workers, pin_memory=device.type == "cuda")
+    stream = build_stream(opts.loader, dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
+                          device=device, workers=opts.workers)
     return approach, opts, dataset, stream
 
 
@@ -186,7 +186,8 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = approach.cfg
-    run_info = approach.backend.describe(approach)  # which backend/kernels/optimiser/precision ran
+    # which backend/kernels/optimiser/precision/loader ran
+    run_info = {**approach.backend.describe(approach), "loader": stream.name}
     (out / "config.json").write_text(json.dumps(
         {"config": config_to_dict(cfg), "trainer": vars(opts), "num_classes": dataset.num_classes,
          "run": run_info}, indent=2))

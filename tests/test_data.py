@@ -10,6 +10,7 @@ from PIL import Image
 
 from g2g_fast.data import (BatchStream, CelebADataset, DataError, FolderDataset, SyntheticDataset,
                            build_dataset)
+from g2g_fast.data.transforms import image_info
 
 S = 32  # crop size of the file datasets; resize_to defaults to round(32 * 140 / 128) = 35
 LEVEL = 1 / 127.5  # one 8-bit level in [-1, 1] units
@@ -162,12 +163,13 @@ def test_folder_dataset(animals, caplog):
     with caplog.at_level(logging.WARNING, logger="g2g_fast"):
         ds = FolderDataset(animals, image_size=S)
     assert ds.class_names == ["cat", "dog", "fox"] and ds.num_classes == 3
-    assert len(ds) == 10 and ds.labels == [0] * 4 + [1] * 3 + [2] * 3
-    assert ds.skipped == [str(animals / "dog/bad.jpg")]
+    assert len(ds) == 9 and ds.labels == [0] * 4 + [1] * 3 + [2] * 2
+    # A truncated file passes PIL's header parse; the end-marker check catches it up front.
+    assert ds.skipped == [str(animals / "dog/bad.jpg"), str(animals / "fox/trunc.jpg")]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "bad.jpg" in warnings[0] and " 1 " in warnings[0]
+    assert len(warnings) == 1 and "bad.jpg" in warnings[0] and "trunc.jpg" in warnings[0] and " 2 " in warnings[0]
     g = torch.Generator().manual_seed(0)
-    for i in range(len(ds) - 1):  # the last one is the truncated file
+    for i in range(len(ds)):
         x, y = ds.get(i, g)
         assert x.shape == (3, S, S) and x.dtype == torch.float32 and y == ds.labels[i]
         assert x.min() >= -1 and x.max() <= 1
@@ -232,18 +234,38 @@ def test_flip_mirrors_the_image(animals):
     assert x[:, :, -1].mean() > x[:, :, 0].mean()  # evaluation never flips
 
 
-def test_truncated_file_skipped_in_get(animals, caplog):
+def test_image_info_end_markers(tmp_path):
+    img = _noise(30, 20, 7)
+    for fmt, name in (("JPEG", "a.jpg"), ("PNG", "a.png")):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        data = buf.getvalue()
+        (tmp_path / name).write_bytes(data)
+        assert image_info(str(tmp_path / name)) == (30, 20, "RGB")
+        (tmp_path / name).write_bytes(data + b"\0" * 16)  # padding after the end marker is fine
+        assert image_info(str(tmp_path / name)) is not None
+        (tmp_path / name).write_bytes(data[: len(data) * 2 // 3])
+        assert image_info(str(tmp_path / name)) is None
+
+
+def test_undecodable_file_replaced_in_get(animals, caplog, monkeypatch):
+    """A file that passes the up-front check but fails to decode later is replaced by the next
+    index's image (deterministically, with the same augmentation generator), logged once."""
+    import g2g_fast.data.folder as folder
     ds = FolderDataset(animals, image_size=S)
-    i = _index(ds, "fox/trunc.jpg")
-    assert i == len(ds) - 1 and "trunc.jpg" not in " ".join(ds.skipped)  # passes the header check
+    i = _index(ds, "fox/b.jpg")
+    assert i == len(ds) - 1
+    real = folder.load_rgb
+    monkeypatch.setattr(folder, "load_rgb", lambda p: (_ for _ in ()).throw(OSError("broken"))
+                        if p.endswith("fox/b.jpg") else real(p))
     with caplog.at_level(logging.WARNING, logger="g2g_fast"):
         x, y = ds.get(i, None)
         ds.get(i, None)
-    warnings = [r.getMessage() for r in caplog.records if "trunc.jpg" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "fox/b.jpg" in r.getMessage()]
     assert len(warnings) == 1  # once per file
     x0, y0 = ds.get(0, None)  # the next index, wrapping around
     assert torch.equal(x, x0) and y == y0 == 0
-    assert ds.skipped[-1].endswith("trunc.jpg") and len(ds.skipped) == 2
+    assert ds.skipped[-1].endswith("fox/b.jpg") and len(ds.skipped) == 3
 
 
 def test_list_file(animals, caplog):
@@ -254,7 +276,7 @@ def test_list_file(animals, caplog):
     assert ds.labels == [1, 0, 2, 1]  # list order kept
     with caplog.at_level(logging.WARNING, logger="g2g_fast"):
         test = build_dataset(str(animals), image_size=S, split="test")  # no test_list.txt: scan
-    assert len(test) == 10 and "test_list.txt" in caplog.text
+    assert len(test) == 9 and "test_list.txt" in caplog.text
     (animals / "two.txt").write_text("cat/a.png\ncat/c.png\n")
     with pytest.raises(DataError, match="found 1 class"):
         FolderDataset(animals, image_size=S, list_file=animals / "two.txt")

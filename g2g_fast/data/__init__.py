@@ -2,8 +2,9 @@
 
 Every dataset has `len`, `num_classes`, `class_names`, `labels` (per index), `image_size`, `skipped`
 and `get(index, rng) -> (float32 (3, S, S) in [-1, 1], label)`, where `rng=None` is the evaluation
-transform. `build_dataset` picks one from the `--data` / `--data-format` flags; `BatchStream` turns it
-into an exactly resumable stream of batches.
+transform. `build_dataset` picks one from the `--data` / `--data-format` flags; `build_stream` turns it
+into an exactly resumable stream of batches through one of the loaders (`--loader`): `BatchStream`
+(torch DataLoader, the reference), `CachedStream` (GPU cache) or `DaliStream` (NVIDIA DALI).
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import logging
 import os
 
 from .folder import CelebADataset, FolderDataset
-from .loader import BatchStream, StepPlan
+from .gpu_cache import CachedStream
+from .loader import BatchStream, StepPlan, Stream
+from .select import LOADERS, build_stream, choose_loader
 from .synthetic import SyntheticDataset
 from .transforms import DataError
 
-__all__ = ["BatchStream", "StepPlan", "CelebADataset", "DataError", "FolderDataset", "SyntheticDataset", "build_dataset"]
+__all__ = ["BatchStream", "CachedStream", "LOADERS", "StepPlan", "Stream", "build_stream", "choose_loader", "CelebADataset", "DataError", "FolderDataset", "SyntheticDataset", "build_dataset"]
 
 log = logging.getLogger("g2g_fast")
 

@@ -1,7 +1,9 @@
 """Datasets of image files: a folder of class sub-folders (FUNIT animal faces) and CelebA identities.
 
-Both share `_FileDataset`: a list of (path, label), a header check of every file at construction
-(bad files are skipped with one warning), and `get` that decodes and applies FUNIT's transform.
+Both share `_FileDataset`: a list of (path, label), a cheap check of every file at construction
+(header and end marker; bad files are skipped with one warning), and `get` that decodes and applies
+FUNIT's transform. The GPU loaders use `infos` (size and mode per file, from that check) and
+`stored` (the resized image before flip and crop).
 """
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .transforms import DataError, check_sizes, funit_transform, header_ok, is_image_file, load_rgb
+import numpy as np
+from PIL import Image
+
+from .transforms import (DataError, check_sizes, funit_transform, image_info, is_image_file, load_rgb,
+                         resized_size)
 
 log = logging.getLogger("g2g_fast")
 
@@ -34,13 +40,16 @@ def _require_dir(root: str) -> None:
 class _FileDataset:
     """Shared part of the file-backed datasets; subclasses supply `paths`, `labels`, `class_names`."""
 
+    augmented = True  # FUNIT's random flip and crop in training
+
     def __init__(self, paths: list[str], labels: list[int], class_names: list[str], image_size: int,
                  resize_to: int | None, where: str):
         self.image_size = image_size
         self.resize_to = check_sizes(image_size, resize_to)
         # Threads, because verify() is mostly file I/O; map keeps the order.
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-            ok = list(pool.map(header_ok, paths))
+            infos = list(pool.map(image_info, paths))
+        ok = [info is not None for info in infos]
         self.skipped: list[str] = [p for p, good in zip(paths, ok) if not good]
         if self.skipped:
             log.warning("%s: skipped %d unreadable image file(s) (remove or replace them): %s", where,
@@ -59,32 +68,48 @@ class _FileDataset:
         self.num_classes = len(present)
         self.paths = [p for p, _ in kept]
         self.labels = [new[y] for _, y in kept]
+        self.infos = [info for info in infos if info is not None]
         self._failed: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def get(self, index: int, rng: torch.Generator | None) -> tuple[torch.Tensor, int]:
-        """Decoded, transformed image and its label. A file that fails to decode (e.g. a truncated
-        JPEG that passed the header check) is logged once and replaced by the next index's sample,
-        so the result stays deterministic. `skipped` is updated in this process only (in DataLoader
-        workers it is the worker's copy)."""
+    def _decode(self, index: int) -> tuple[int, Image.Image]:
+        """(i, RGB image) of the first decodable file at `index` or after it (wrapping around).
+        A file that fails to decode (one that passed the up-front check but is broken further in)
+        is logged once and replaced by the next index's file, so every loader and every run makes
+        the same replacement. `skipped` is updated in this process only (in DataLoader workers it
+        is the worker's copy)."""
         for k in range(len(self.paths)):
             i = (index + k) % len(self.paths)
             path = self.paths[i]
             try:
-                img = load_rgb(path)
+                return i, load_rgb(path)
             except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
                 if path not in self._failed:
                     self._failed.add(path)
                     self.skipped.append(path)
                     log.warning("cannot decode %s (%s); using the next image instead", path, err)
-                continue
-            # The generator is untouched by a failed decode, so the replacement sample gets exactly
-            # the augmentation it would have got at its own index with this generator.
-            return funit_transform(img, self.image_size, self.resize_to, rng), self.labels[i]
         raise DataError(f"no image of this dataset can be decoded (first: {self.paths[0]}); "
                         f"check the files")
+
+    def get(self, index: int, rng: torch.Generator | None) -> tuple[torch.Tensor, int]:
+        """Decoded, transformed image and its label (of the replacement, see `_decode`)."""
+        i, img = self._decode(index)
+        # The generator is untouched by a failed decode, so the replacement sample gets exactly
+        # the augmentation it would have got at its own index with this generator.
+        return funit_transform(img, self.image_size, self.resize_to, rng), self.labels[i]
+
+    def stored(self, index: int, device: str | torch.device = "cpu") -> tuple[int, torch.Tensor]:
+        """(i, uint8 (H, W, 3) on the CPU): the image `get` would flip and crop, resized (shorter side
+        `resize_to`) but not yet flipped; i is the index actually decoded (see `_decode`). A flip
+        commutes exactly with PIL's bilinear resize, so flipping later gives `get`'s pixels."""
+        i, img = self._decode(index)
+        size = resized_size(img.width, img.height, self.resize_to)
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        del device  # decoded on the CPU; the cache moves it
+        return i, torch.from_numpy(np.array(img, dtype=np.uint8))  # np.array: PIL's buffer is read-only
 
 
 def _read_list_file(root: str, list_file: str) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .transforms import DataError
+from .transforms import Augment, DataError, draw_augment
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -34,6 +34,15 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     samples and epochs get unrelated streams."""
     state = np.random.SeedSequence([seed % 2**63, epoch, index]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def sample_augment(dataset, seed: int, epoch: int, index: int, width: int, height: int) -> Augment:
+    """The flip/crop decisions `dataset.get` makes for sample (epoch, index) of a stream, for a
+    resized image of `width` x `height`; the GPU loaders replay them to produce the same pixels.
+    Datasets with `augmented = False` (synthetic) are never flipped or cropped."""
+    if not dataset.augmented:
+        return Augment(False, 0, 0)
+    return draw_augment(sample_generator(seed, epoch, index), width, height, dataset.image_size)
 
 
 class StepPlan:
@@ -88,7 +97,27 @@ class _Augmented(torch.utils.data.Dataset):
         return self.dataset.get(index, sample_generator(self.seed, epoch, index))
 
 
-class BatchStream:
+class Stream:
+    """What the trainer needs of every loader: `next(stream) -> (x float32 (B, 3, S, S) in [-1, 1],
+    y int64 (B,))` forever, `step` (batches yielded so far, counting `start_step`),
+    `batches_per_epoch`, `epoch` (of the next batch), `name` and `close()`."""
+
+    name = "?"
+    step = 0
+    batches_per_epoch = 1
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.batches_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+class BatchStream(Stream):
     """`next(stream) -> (x float32 (B, 3, S, S), y int64 (B,))` on the CPU, forever.
 
     Attributes: `step` (batches yielded so far, counting `start_step`), `batches_per_epoch`, and
@@ -109,13 +138,6 @@ class BatchStream:
         self._loader = DataLoader(_Augmented(dataset, seed), batch_sampler=sampler, num_workers=num_workers,
                                   persistent_workers=num_workers > 0, pin_memory=pin_memory)
         self._it = iter(self._loader)  # the sampler never ends, so this one iterator serves every epoch
-
-    @property
-    def epoch(self) -> int:
-        return self.step // self.batches_per_epoch
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = next(self._it)

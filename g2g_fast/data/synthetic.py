@@ -81,9 +81,9 @@ SHAPES = list(_SHAPES)
 
 
 @lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(size: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     # Pixel centres in [-1, 1]; y points down as in image rows.
-    c = (torch.arange(size, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
+    c = (torch.arange(size, dtype=torch.float32, device=device) + 0.5) * (2.0 / size) - 1.0
     return c.view(1, size).expand(size, size), c.view(size, 1).expand(size, size)
 
 
@@ -117,6 +117,7 @@ class SyntheticDataset:
     (seed, split, index) in every process; `get` ignores its generator (no augmentation)."""
 
     factor_names = FACTOR_NAMES
+    augmented = False  # no flip/crop: they would falsify the factors
 
     def __init__(self, image_size: int = 64, num_classes: int = 8, per_class: int = 256, seed: int = 0,
                  split: str = "train"):
@@ -159,11 +160,12 @@ class SyntheticDataset:
             math.pi * (2 * r[5] - 1),     # light: direction of the brightness gradient
         ], dtype=torch.float32)
 
-    def render(self, index: int) -> torch.Tensor:
-        """uint8 (3, S, S) image of `index`."""
+    def render(self, index: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """uint8 (3, S, S) image of `index`, computed on `device`. On a GPU, transcendental
+        functions may round differently from the CPU: a few pixels can differ by one level."""
         shape, texture, hue = _identity(self.labels[index])
         cx, cy, scale, rot, bg, light = self.factors(index).tolist()
-        x, y = _grid(self.image_size)
+        x, y = _grid(self.image_size, str(torch.device(device)))
         # Into the shape's frame: translate, rotate by -rot, divide by scale.
         dx, dy = (x - cx) / scale, (y - cy) / scale
         cos, sin = math.cos(rot), math.sin(rot)
@@ -171,12 +173,17 @@ class SyntheticDataset:
         px = 2.0 / self.image_size / scale  # one pixel in shape units
         coverage = (0.5 - _SHAPES[shape](u, v) / px).clamp(0.0, 1.0)
         pattern = _texture(u, v, texture, px)
-        base = torch.tensor(colorsys.hsv_to_rgb(hue, 0.8, 0.95), dtype=torch.float32).view(3, 1, 1)
+        base = torch.tensor(colorsys.hsv_to_rgb(hue, 0.8, 0.95), dtype=torch.float32, device=device).view(3, 1, 1)
         pastel = 0.35 * base + 0.6  # the texture's second colour: same hue, lighter
         fg = base + (pastel - base) * pattern
         img = bg + (fg - bg) * coverage
         img = img * (1.0 + 0.15 * (x * math.cos(light) + y * math.sin(light)))
         return (img.clamp(0.0, 1.0) * 255.0).round_().to(torch.uint8)
+
+    def stored(self, index: int, device: str | torch.device = "cpu") -> tuple[int, torch.Tensor]:
+        """(index, uint8 (S, S, 3)) for the GPU cache: the image itself, rendered on `device`
+        (synthetic images get no resize and no augmentation)."""
+        return index, self.render(index, device).permute(1, 2, 0)
 
     def get(self, index: int, rng: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         del rng  # synthetic images are never augmented: flip or crop would falsify the factors

@@ -12,6 +12,7 @@ This module is the leaf of `g2g_fast.data`, so it also holds `DataError`.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -46,17 +47,50 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def header_ok(path: str) -> bool:
-    """Cheap check that `path` is an image PIL can read: parses the header, decodes no pixels.
+class ImageInfo(NamedTuple):
+    """What the up-front check learns about a file without decoding its pixels."""
+    width: int
+    height: int
+    mode: str  # PIL's mode: "RGB", "L", "RGBA", "P", "CMYK", ...
 
-    Catches garbage and empty files; a truncated JPEG passes and is caught at decode time instead.
+
+# The last bytes of a complete file. A JPEG ends with the EOI marker, a PNG with its IEND chunk;
+# some writers append padding, so the marker is looked for in a short tail rather than at the end.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_TAIL = 1024
+
+
+def _complete(path: str, fmt: str | None) -> bool:
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - _TAIL))
+        return marker in f.read()
+
+
+def image_info(path: str) -> ImageInfo | None:
+    """Cheap check that `path` is a complete image PIL can read: parses the header and looks for the
+    format's end marker (JPEG, PNG), decodes no pixels. None for a bad file.
+
+    The end marker catches truncated files, which a header alone does not; that matters because
+    NVIDIA DALI aborts the whole pipeline on a truncated JPEG, so every loader must skip the same
+    files up front.
     """
     try:
         with Image.open(path) as img:
+            info = ImageInfo(img.width, img.height, img.mode)
+            fmt = img.format
             img.verify()
-        return True
+        return info if info.width > 0 and info.height > 0 and _complete(path, fmt) else None
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files
-        return False
+        return None
+
+
+def header_ok(path: str) -> bool:
+    """True when `image_info` accepts `path`."""
+    return image_info(path) is not None
 
 
 def load_rgb(path: str) -> Image.Image:
