@@ -23,6 +23,6 @@ setup(
         "dev": ["pytest>=7", "pytest-benchmark>=4"],
         # NVIDIA DALI GPU loader (optional). NVIDIA's fused-optimiser library is never declared: the PyPI
         # package of that name is an unrelated web toolkit (it is imported only if built from source).
-        "dali": ["nvidia-dali-cuda130"],
+        "dali": ['nvidia-dali-cuda130; platform_system == "Linux"'],
     },
 )

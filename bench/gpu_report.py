@@ -36,6 +36,10 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 (B, C) weights) for triton / torch eager / torch.compile(reference), both formats,
                 from the byte ledger in bench/_shapes.py; median of CUDA-event timings after
                 warm-up, L2 flushed before each rep; fraction of copy bandwidth; speedups.
+  loaders       img/s of each --loader (torch, gpu-cache, dali) at 128^2 from 2048 generated
+                JPEGs, batch 64; the fast FUNIT2FUNIT trainer on a fixed on-device batch vs fed
+                by the loader --loader auto picks; issue 6's targets: loader >= 3x the trainer's
+                img/s, fed training >= 95% of fixed-batch img/s (bench/_loaders.py).
 
 The kernel targets (bf16 channels_last, fwd+bwd: >= 80% of copy bandwidth, >= 3x eager,
 >= 1.3x torch.compile) and the training-step targets are printed beside the measured numbers as
@@ -75,6 +79,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's packages, not
 
 import torch  # noqa: E402
 
+import _loaders as LD  # noqa: E402
 import _shapes as S  # noqa: E402
 import _train as T  # noqa: E402
 
@@ -489,7 +494,8 @@ def _step_summary(rows: list) -> list:
 
 
 SECTIONS = (("environment", environment, 0), ("peaks", peaks, 10), ("parity", parity, 20),
-            ("model_parity", model_parity, 20), ("train_step", train_step, 30), ("bandwidth", bandwidth, 20))
+            ("model_parity", model_parity, 20), ("train_step", train_step, 30), ("bandwidth", bandwidth, 20),
+            ("loaders", LD.report_section, 40))
 
 
 # ------------------------------------------------------------------------------------------
@@ -626,6 +632,7 @@ def markdown(ctx: Ctx) -> str:
                                        _f(g["torch"] and g["torch"]["gbps"]), _f(g["compile"] and g["compile"]["gbps"]),
                                        _f(s.get("vs_eager"), ".2f"), _f(s.get("vs_compile"), ".2f")]) + " |")
     L += _step_markdown(rep.get("train_step", {}))
+    L += LD.report_markdown(rep.get("loaders", {}), _f)
     L += ["", "## Skipped and errors", ""] + [f"- skipped: {s}" for s in rep["skipped"]]
     L += [f"- error in {e['where']}: {e['error']}" for e in rep["errors"]] or ["- none"]
     L.append(f"\nSection seconds: {rep.get('section_seconds', {})}; budget {ctx.budget:.0f} s.")

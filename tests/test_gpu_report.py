@@ -68,3 +68,10 @@ def test_gpu_report_smoke(tmp_path):
                     "## Training step throughput"):
         assert heading in md, heading
     assert proc.stdout.strip().startswith("# g2g-fast GPU report")
+
+    ld = rep["loaders"]
+    measured = {r["loader"] for r in ld["rows"] if r.get("img_per_s", 0) > 0}
+    assert measured == {"torch", "gpu-cache"} | ({"dali"} if not any(r.get("skipped") for r in ld["rows"]) else set())
+    assert ld["auto"] == "torch" and ld["train"]["fed_img_per_s"] > 0 and ld["train"]["synthetic_img_per_s"] > 0
+    assert set(ld["verdicts"]) == {"loader_vs_trainer", "fed_vs_synthetic"}
+    assert "## Loaders" in js.with_suffix(".md").read_text()
