@@ -16,6 +16,8 @@ Providers:
   fast                       `FastBackend()`: fused Triton norms, channels_last, fused/foreach
                              optimisers, foreach EMA; bf16 autocast on CUDA, fp32 on the CPU (bf16
                              autocast on a CPU is slower and not what is being measured there)
+  fast-subpixel              fast + the decoder's upsample + 5x5 convs as sub-pixel phase convs
+                             (`FastBackend(subpixel=True)`, kernels/upsample_conv.py)
 cudnn.benchmark stays at PyTorch's default for every provider.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` around one eager `train_step` per provider
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 
 import torch
@@ -87,12 +90,15 @@ PROVIDERS = {
     "reference-bf16-cl": Provider(ChannelsLastReference, "bf16"),
     "reference-bf16-cl-compile": Provider(ChannelsLastReference, "bf16", compile=True),
     "fast": Provider(FastBackend, "bf16", stock=False),
+    # fast + the sub-pixel decoder upsampling (kernels.upsample_conv): it becomes fast's default
+    # only if this row beats "fast" on a GPU (issue 5).
+    "fast-subpixel": Provider(functools.partial(FastBackend, subpixel=True), "bf16", stock=False),
 }
 # Which providers run for which approach, in the order gpu_report.py runs them: all four for
 # FUNIT2FUNIT (issue 5's targets; compile last, the slowest to set up, so a tight budget cuts it
 # first), the fp32 reference and fast for the others.
 STEP_PLAN = {
-    "funit2funit": ("reference-fp32", "fast", "reference-bf16-cl", "reference-bf16-cl-compile"),
+    "funit2funit": ("reference-fp32", "fast", "fast-subpixel", "reference-bf16-cl", "reference-bf16-cl-compile"),
     "naive": ("reference-fp32", "fast"),
     "cyclefunit": ("reference-fp32", "fast"),
 }

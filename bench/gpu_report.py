@@ -25,7 +25,8 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 one d_step each from re-synchronised states, the same for D (<= 1e-4, R1 included).
   train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
                 FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
-                reference-bf16-cl, reference-bf16-cl-compile and fast; naive and CycleFUNIT with
+                reference-bf16-cl, reference-bf16-cl-compile, fast and fast-subpixel (the
+                decoder's upsampling by kernels.upsample_conv: default only if faster); naive and CycleFUNIT with
                 reference-fp32 and fast. A FLOP-counted eager iteration, warm-up (compile
                 included), then 5 timed iterations (CUDA events, median): img/s, FLOPs, MFU
                 against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,
@@ -483,6 +484,8 @@ def _step_summary(rows: list) -> list:
                  stock_measured=sorted(stock), stock_complete=set(stock) == {p for p in T.STEP_PLAN[approach]
                                                                             if T.PROVIDERS[p].stock})
         fast = got.get("fast")
+        if fast is not None and "fast-subpixel" in got:  # issue 5: keep the rewrite only if faster
+            s["subpixel_vs_fast"] = got["fast-subpixel"]["img_per_s"] / fast["img_per_s"]
         if fast is not None:
             s.update({k: fast.get(k) for k in STEP_TARGETS})
             if approach == "funit2funit":
@@ -524,7 +527,10 @@ def _step_targets_markdown(ts: dict) -> list:
          f"| {_verdict(v.get('vs_best_stock'))} |",
          f"| peak memory <= 0.6x reference-fp32 | {_f(f2f.get('peak_memory_ratio'), '.2f')}x "
          f"| {_verdict(v.get('peak_memory_ratio'))} |",
-         f"| MFU >= 35% | {_f(f2f.get('mfu'), '.1%')} | {_verdict(v.get('mfu'))} |", ""]
+         f"| MFU >= 35% | {_f(f2f.get('mfu'), '.1%')} | {_verdict(v.get('mfu'))} |",
+         f"| sub-pixel decoder (fast-subpixel / fast img/s; make it the default if > 1) "
+         f"| {_f(f2f.get('subpixel_vs_fast'), '.2f')}x | {_verdict(None if f2f.get('subpixel_vs_fast') is None else f2f['subpixel_vs_fast'] > 1)} |",
+         ""]
     return L
 
 

@@ -26,12 +26,19 @@ def _apex_fused_adam():
 
 
 class FastBackend(ReferenceBackend):
+    """`subpixel`: the decoder's upsample + 5x5 convs by the exact phase rewrite
+    (`kernels.upsample_conv`); off until measured faster on a GPU (bench/gpu_report.py's
+    fast-subpixel row)."""
+
     name = "fast"
     memory_format = torch.channels_last
 
+    def __init__(self, subpixel: bool = False):
+        self.subpixel = subpixel
+
     def generator(self, **kwargs) -> nn.Module:
         from .models import Generator
-        return Generator(**kwargs)
+        return Generator(**kwargs, subpixel=self.subpixel)
 
     def rmsprop(self, params, **kwargs):
         # PyTorch has no fused RMSprop; foreach runs one kernel per op over all tensors.
@@ -58,7 +65,8 @@ class FastBackend(ReferenceBackend):
         probe = torch.empty(1, 1, 2, 2, device=approach.device)
         return {"backend": self.name, "kernels": "adain:" + adain_backend(probe)[0],
                 "optimizer": type(approach.opt_g).__module__ + "." + type(approach.opt_g).__name__,
-                "precision": approach.precision, "memory_format": "channels_last"}
+                "precision": approach.precision, "memory_format": "channels_last",
+                "decoder_upsample": "subpixel" if self.subpixel else "nearest+conv5"}
 
 
 BACKENDS = {"reference": ReferenceBackend, "fast": FastBackend}

@@ -11,7 +11,9 @@ import torch
 
 from ._utils import interpreting, is_supported_layout, triton_available
 
-__all__ = ["adain", "adain_backend"]
+from .upsample_conv import upsample_conv
+
+__all__ = ["adain", "adain_backend", "upsample_conv"]
 
 IMPLS = ("auto", "triton", "ref")
 _log = logging.getLogger("g2g_fast")

@@ -18,9 +18,9 @@ ARCH = dict(nf=8, nf_mlp=16, latent_dim=8)
 CL = torch.channels_last
 
 
-def _pair(impl, channels_last=False):
+def _pair(impl, channels_last=False, subpixel=False):
     ref = ref_funit.Generator(**ARCH)
-    fast = Generator(**ARCH, impl=impl)
+    fast = Generator(**ARCH, impl=impl, subpixel=subpixel)
     fast.load_state_dict(ref.state_dict(), strict=True)
     if channels_last:
         ref, fast = ref.to(memory_format=CL), fast.to(memory_format=CL)
@@ -72,7 +72,8 @@ def _scales(ref64):
 def test_same_signature_tree_and_state_dict():
     ref_sig = inspect.signature(ref_funit.Generator.__init__).parameters
     fast_sig = inspect.signature(Generator.__init__).parameters
-    assert list(fast_sig) == list(ref_sig) + ["impl"] and fast_sig["impl"].default == "auto"
+    assert list(fast_sig) == list(ref_sig) + ["impl", "subpixel"] and fast_sig["impl"].default == "auto"
+    assert fast_sig["subpixel"].default is False
     assert all(fast_sig[k].default == v.default for k, v in ref_sig.items())
 
     torch.manual_seed(3)
@@ -97,9 +98,10 @@ def test_same_signature_tree_and_state_dict():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("impl", ["triton", "ref"])
-def test_fp32_parity_outputs_and_grads(impl, channels_last):
-    ref, fast = _pair(impl, channels_last)
+@pytest.mark.parametrize("impl,subpixel", [("triton", False), ("ref", False), ("ref", True)],
+                         ids=["triton", "ref", "ref-subpixel"])
+def test_fp32_parity_outputs_and_grads(impl, subpixel, channels_last):
+    ref, fast = _pair(impl, channels_last, subpixel)
     xs, ys = _images(1, channels_last), _images(2, channels_last)
     ref32, got = _run(ref, xs, ys, torch.float32), _run(fast, xs, ys, torch.float32)
     with pytest.MonkeyPatch.context() as mp:  # a true float64 reference: no fp32 upcast in the norms
@@ -143,6 +145,22 @@ def test_norms_go_through_the_fused_op(monkeypatch):
     ada_res = [("relu", True, False, "ref"), ("none", True, True, "ref")] * 2
     up = [("relu", False, False, "ref")] * 3
     assert calls == down + in_res + ada_res + up
+
+
+def test_subpixel_decoder_uses_the_rewrite(monkeypatch):
+    """gen.dec.subpixel routes each upsample + 5x5 conv through kernels.upsample_conv (and the
+    nn.Upsample modules are skipped); off, the reference path runs."""
+    calls = []
+    real = fast_funit.upsample_conv
+    monkeypatch.setattr(fast_funit, "upsample_conv",
+                        lambda x, w, b, **kw: calls.append((tuple(x.shape), kw["impl"])) or real(x, w, b, **kw))
+    gen = Generator(**ARCH, impl="ref", subpixel=True)
+    out = gen(_images(1), _images(2))
+    assert out.shape == (2, 3, 32, 32)
+    assert calls == [((2, 64, 4, 4), "subpixel"), ((2, 32, 8, 8), "subpixel"), ((2, 16, 16, 16), "subpixel")]
+    gen.dec.subpixel = False
+    calls.clear()
+    assert torch.allclose(gen(_images(1), _images(2)), out, atol=1e-5) and calls == []
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -83,3 +83,12 @@ def adain_ref(
     # Keep the caller's memory format (channels_last stays channels_last).
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
     return y.to(out_dtype).contiguous(memory_format=fmt)
+
+
+def upsample_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FUNIT's decoder upsampling: nearest upsample x2, reflect pad k//2, k x k conv (stride 1).
+
+    The twin of `kernels.upsample_conv` (the exact sub-pixel rewrite, SPEC §7)."""
+    pad = weight.shape[-1] // 2
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.conv2d(F.pad(up, (pad,) * 4, mode="reflect"), weight, bias)
