@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_report_smoke(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--smoke", "--out", str(tmp_path)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (js,) = tmp_path.glob("gpu_report_*-smoke_*.json")
     assert js.with_suffix(".md").is_file()
