@@ -199,6 +199,8 @@ def _step_summary(rows: list) -> list:
         fast = got.get("fast")
         if fast is not None and "fast-subpixel" in got:  # issue 5: keep the rewrite only if faster
             s["subpixel_vs_fast"] = got["fast-subpixel"]["img_per_s"] / fast["img_per_s"]
+        if fast is not None and "fast-compile" in got:  # and torch.compile of the fast generator
+            s["compile_vs_fast"] = got["fast-compile"]["img_per_s"] / fast["img_per_s"]
         if fast is not None:
             s.update({k: fast.get(k) for k in STEP_TARGETS})
             if approach == "funit2funit":
@@ -227,6 +229,8 @@ def _step_targets_markdown(ts: dict) -> list:
          f"| MFU >= 35% | {f(f2f.get('mfu'), '.1%')} | {verdict(v.get('mfu'))} |",
          f"| sub-pixel decoder (fast-subpixel / fast img/s; make it the default if > 1) "
          f"| {f(f2f.get('subpixel_vs_fast'), '.2f')}x | {verdict(None if f2f.get('subpixel_vs_fast') is None else f2f['subpixel_vs_fast'] > 1)} |",
+         f"| torch.compile of the fast generator (fast-compile / fast img/s; adopt if > 1) "
+         f"| {f(f2f.get('compile_vs_fast'), '.2f')}x | {verdict(None if f2f.get('compile_vs_fast') is None else f2f['compile_vs_fast'] > 1)} |",
          ""]
     return L
 

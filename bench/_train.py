@@ -18,6 +18,7 @@ Providers:
                              autocast on a CPU is slower and not what is being measured there)
   fast-subpixel              fast + the decoder's upsample + 5x5 convs as sub-pixel phase convs
                              (`FastBackend(subpixel=True)`, kernels/upsample_conv.py)
+  fast-compile               fast + torch.compile of the generator's three methods, as above
 cudnn.benchmark stays at PyTorch's default for every provider.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` around one eager `train_step` per provider
@@ -93,12 +94,16 @@ PROVIDERS = {
     # fast + the sub-pixel decoder upsampling (kernels.upsample_conv): it becomes fast's default
     # only if this row beats "fast" on a GPU (issue 5).
     "fast-subpixel": Provider(functools.partial(FastBackend, subpixel=True), "bf16", stock=False),
+    # fast + torch.compile of the generator's methods (the fused ops are custom ops, so dynamo
+    # traces them; D stays eager for R1): worth making a default only if this row beats "fast".
+    "fast-compile": Provider(FastBackend, "bf16", compile=True, stock=False),
 }
 # Which providers run for which approach, in the order gpu_report.py runs them: all four for
 # FUNIT2FUNIT (issue 5's targets; compile last, the slowest to set up, so a tight budget cuts it
 # first), the fp32 reference and fast for the others.
 STEP_PLAN = {
-    "funit2funit": ("reference-fp32", "fast", "fast-subpixel", "reference-bf16-cl", "reference-bf16-cl-compile"),
+    "funit2funit": ("reference-fp32", "fast", "fast-subpixel", "reference-bf16-cl", "reference-bf16-cl-compile",
+                    "fast-compile"),
     "naive": ("reference-fp32", "fast"),
     "cyclefunit": ("reference-fp32", "fast"),
 }

@@ -25,9 +25,10 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 one d_step each from re-synchronised states, the same for D (<= 1e-4, R1 included).
   train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
                 FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
-                reference-bf16-cl, reference-bf16-cl-compile, fast and fast-subpixel (the
-                decoder's upsampling by kernels.upsample_conv: default only if faster); naive and CycleFUNIT with
-                reference-fp32 and fast. A FLOP-counted eager iteration, warm-up (compile
+                reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel (the
+                decoder's upsampling by kernels.upsample_conv) and fast-compile (torch.compile
+                of the fast generator): each of the last two becomes a default only if it beats
+                fast; naive and CycleFUNIT with reference-fp32 and fast. A FLOP-counted eager iteration, warm-up (compile
                 included), then 5 timed iterations (CUDA events, median): img/s, FLOPs, MFU
                 against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,
                 speedups vs reference-fp32 and vs the best stock (PyTorch-only) provider, and

@@ -49,7 +49,7 @@ def test_gpu_report_smoke(tmp_path):
     rows = {(r["approach"], r["provider"]): r for r in ts["rows"]}
     assert set(rows) == {("funit2funit", p) for p in ("reference-fp32", "reference-bf16-cl",
                                                       "reference-bf16-cl-compile", "fast",
-                                                      "fast-subpixel")} | \
+                                                      "fast-subpixel", "fast-compile")} | \
         {(a, p) for a in ("naive", "cyclefunit") for p in ("reference-fp32", "fast")}
     for r in rows.values():
         assert "error" not in r and r["img_per_s"] > 0 and r["flops"] > 0 and r["mfu"] > 0, r
@@ -62,7 +62,8 @@ def test_gpu_report_smoke(tmp_path):
     assert compiled["flops"] == eager["flops"]
     (f2f,) = [s for s in ts["summary"] if s["approach"] == "funit2funit"]
     assert set(f2f["targets"]) == {"vs_reference_fp32", "vs_best_stock", "peak_memory_ratio", "mfu"}
-    assert f2f["stock_complete"] and f2f["subpixel_vs_fast"] > 0
+    assert f2f["stock_complete"] and f2f["subpixel_vs_fast"] > 0 and f2f["compile_vs_fast"] > 0
+    assert "compiled" in rows["funit2funit", "fast-compile"]["describe"]
     assert rows["funit2funit", "fast-subpixel"]["describe"]["decoder_upsample"] == "subpixel"
 
     md = js.with_suffix(".md").read_text()
