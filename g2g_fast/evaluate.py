@@ -289,14 +289,14 @@ ROWS = [("reconstruction (short)", "L1 / PSNR dB", "recon_short_l1", "recon_shor
         ("leakage: factors from class codes", "R^2 (0 best)", "leak_factors_from_class_r2", None)]
 
 
-def _fmt(v):
+def fmt_value(v):
     return "n/a" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
 def format_table(metrics: dict) -> str:
     lines = ["| metric | values | value |", "|---|---|---|"]
     for name, what, a, b in ROWS:
-        val = _fmt(metrics.get(a)) + ("" if b is None else f" / {_fmt(metrics.get(b))}")
+        val = fmt_value(metrics.get(a)) + ("" if b is None else f" / {fmt_value(metrics.get(b))}")
         lines.append(f"| {name} | {what} | {val} |")
     if metrics.get("content_mae"):
         mae = ", ".join(f"{k} {v:.4f}" for k, v in metrics["content_mae"].items())
@@ -307,31 +307,87 @@ def format_table(metrics: dict) -> str:
 # ---- data / model setup for the CLI -------------------------------------------------------------
 
 def prepare_data(data: str, *, data_format="auto", image_size=64, seed=0, synthetic_classes=8,
-                 synthetic_per_class=256, resize_to=None, samples=256, probe_train=2048):
+                 synthetic_per_class=256, resize_to=None, samples=256, probe_train=2048, heldout_split="test"):
     """-> (train ImageSet for the probes, held-out ImageSet, num_classes, identity dict, where).
 
-    Synthetic data: held-out = the "test" split (same classes, new poses). Folder/CelebA data: their
-    test splits usually hold other classes, so a seeded fifth of the training split (at most
-    max(2 * samples, 64) images) is held out from the probes instead."""
+    Synthetic data: held-out = the `heldout_split` split (same classes, new poses; "test" for the
+    CLI, "val" during training). Folder/CelebA data: their test splits usually hold other classes,
+    so a seeded fifth of the training split (at most max(2 * samples, 64) images) is held out from
+    the probes instead."""
     kw = dict(data_format=data_format, image_size=image_size, resize_to=resize_to, seed=seed,
               synthetic_classes=synthetic_classes, synthetic_per_class=synthetic_per_class)
     ds = build_dataset(data, split="train", **kw)
     n_hold = max(2 * samples, 64)
     if data == "synthetic":
-        test = build_dataset(data, split="test", **kw)
+        test = build_dataset(data, split=heldout_split, **kw)
         train = load_set(ds, spread_indices(ds.labels, probe_train, seed))
         held = load_set(test, spread_indices(test.labels, n_hold, seed + 3))
-        where = "synthetic test split"
+        where = f"synthetic {heldout_split} split"
         identity = {"data": "synthetic", "classes": synthetic_classes, "per_class": synthetic_per_class}
     else:
         order = spread_indices(ds.labels, len(ds), seed)
         n_hold = min(n_hold, len(order) // 5)
         held, train = load_set(ds, order[:n_hold]), load_set(ds, order[n_hold:n_hold + probe_train])
         where = f"{n_hold} images held out of the training split"
+        # n_hold decides which images the probes train on, so it is part of the cache key
         identity = {"data": os.path.abspath(data), "format": data_format, "n_images": len(ds),
-                    "classes": list(ds.class_names), "resize_to": resize_to}
+                    "classes": list(ds.class_names), "resize_to": resize_to, "n_heldout": n_hold}
     identity.update(image_size=image_size, data_seed=seed, probe_train=probe_train)
     return train, held, ds.num_classes, identity, where
+
+
+# ---- during training (`python -m g2g_fast.train --eval-every N`) -----------------------------------
+
+TRAIN_EVAL_SAMPLES = 128   # held-out pairs per evaluation during training (256 held-out images)
+TRAIN_EVAL_LEAK = 1024     # training images for the leakage probes
+TRAIN_EVAL_SEED = 0        # pairs and probes: the CLI's default seed, so its cached probes are shared
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+class TrainingEvaluator:
+    """The metrics of the generator being trained, on a fixed held-out set (`--eval-every`).
+
+    Built once before the loop: the held-out images (synthetic: the "val" split, kept apart from
+    the "test" split the CLI reports on; folders: a seeded subset of the training split, as the
+    CLI) and the probes, trained once with the CLI's recipe and cache key (`evaluate` reuses them).
+    Each call evaluates the EMA generator (the raw one without EMA) in eval mode, then restores its
+    mode. Both run under forked RNG states, so the run's random streams, and with them its losses,
+    are the same with and without --eval-every."""
+
+    def __init__(self, approach, opts, cache_dir=None, log=None, probe_steps: int | None = None):
+        cfg = approach.cfg
+        with torch.random.fork_rng(devices=_rng_devices(approach.device)):
+            self.train_set, self.held, self.num_classes, identity, self.where = prepare_data(
+                opts.data, data_format=opts.data_format, image_size=cfg.image_size, seed=cfg.seed,
+                synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
+                resize_to=opts.resize_to, samples=TRAIN_EVAL_SAMPLES, heldout_split="val")
+            cache = P.default_cache_dir() if cache_dir is None else cache_dir
+            self.probes = build_probes(self.train_set, identity, cache, seed=TRAIN_EVAL_SEED, log=log,
+                                       steps=probe_steps or P.PROBE_STEPS)
+
+    def __call__(self, approach) -> dict:
+        """-> the metrics (METRIC_KEYS) of `approach`'s EMA generator now."""
+        gen = approach.gen_ema if approach.gen_ema is not None else approach.gen
+        was_training = gen.training
+        gen.eval()
+        try:
+            with torch.random.fork_rng(devices=_rng_devices(approach.device)):
+                return evaluate_model(gen, self.train_set, self.held, self.probes, self.num_classes,
+                                      samples=TRAIN_EVAL_SAMPLES, seed=TRAIN_EVAL_SEED, device=approach.device,
+                                      leak_train=TRAIN_EVAL_LEAK)
+        finally:
+            gen.train(was_training)
+
+    def record(self, approach) -> dict:
+        """-> the metrics.jsonl line: {"step", "eval": {metrics}, "sec_eval"}."""
+        t0 = time.perf_counter()
+        metrics = self(approach)
+        return {"step": approach.step, "eval": metrics, "sec_eval": time.perf_counter() - t0}
 
 
 def build_parser() -> OneLineErrorParser:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .backends import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import config_to_dict
 from .data import DataError, build_dataset, build_stream
+from .distributed import DistributedError
+from .evaluate import TrainingEvaluator
 from .options import TrainOptions, UsageError, build_parser, resolve
 from .reference.g2g import g2g_forward
 from .reference.steps import build_approach
@@ -121,15 +125,30 @@ def open_tensorboard(out: Path):
 
 
 def save(approach, opts: TrainOptions, stream, out: Path, snapshot: bool):
+    ctx = distributed.context()
+    rng_ranks = distributed.gather_rng(rng_state(approach.device))  # a collective: every rank calls save
+    if not ctx.is_main:
+        return
     state = {"config": config_to_dict(approach.cfg), "trainer": vars(opts).copy(),
              "num_classes": approach.num_classes, **approach.state_dict(),
              "rng": rng_state(approach.device), "data": {"step": stream.step}}
+    if ctx.enabled:  # what resuming on another number of ranks needs (distributed.resume_batch_size)
+        state["data"].update(world_size=ctx.world_size, global_batch=approach.cfg.batch_size * ctx.world_size)
+        state["rng_ranks"] = rng_ranks
     ckpt_dir = out / "checkpoints"
     save_checkpoint(ckpt_dir / "last.pt", state)
     if snapshot and opts.keep_snapshots > 0:
         save_checkpoint(ckpt_dir / f"step_{approach.step:07d}.pt", state)
         for old in sorted(ckpt_dir.glob("step_*.pt"))[:-opts.keep_snapshots]:
             old.unlink()
+
+
+def make_backend(opts: TrainOptions):
+    if opts.backend == "fast":
+        return BACKENDS["fast"](subpixel=bool(opts.subpixel_decoder))
+    if opts.subpixel_decoder:
+        raise UsageError("--subpixel-decoder is an option of the fast backend; drop it or use --backend fast")
+    return BACKENDS[opts.backend]()
 
 
 def pick_device(opts: TrainOptions) -> torch.device:
@@ -152,18 +171,24 @@ def setup(argv):
         print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
         return None
     device = pick_device(opts)
+    # Under torchrun: join the process group (gloo on CPU, NCCL with cuda:LOCAL_RANK); else a no-op.
+    ctx = distributed.init_from_env(device, opts.dist_timeout)
+    device = ctx.device
+    if ckpt is not None:  # the same images per step when resuming on another number of ranks
+        cfg.batch_size = distributed.resume_batch_size(ckpt, cfg.batch_size)
     if opts.backend == "auto":
         opts.backend = "fast" if device.type == "cuda" else "reference"
     if opts.precision == "auto":
         opts.precision = "bf16" if opts.backend == "fast" and device.type == "cuda" else "fp32"
     if opts.workers < 0:
-        opts.workers = 0 if device.type == "cpu" else min(8, torch.multiprocessing.cpu_count())
+        opts.workers = 0 if device.type == "cpu" else \
+            max(1, min(8, torch.multiprocessing.cpu_count() // ctx.local_world_size))
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
                             resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
                             synthetic_per_class=opts.synthetic_per_class)
     approach = build_approach(cfg, dataset.num_classes, device, precision=opts.precision,
-                              skip_nonfinite=opts.nan_policy == "skip", backend=BACKENDS[opts.backend]())
+                              skip_nonfinite=opts.nan_policy == "skip", backend=make_backend(opts))
     if ckpt is not None:
         if ckpt.get("num_classes") != dataset.num_classes:
             raise CheckpointError(f"{ckpt_path}: trained on {ckpt.get('num_classes')} classes, "
@@ -171,14 +196,24 @@ def setup(argv):
         approach.load_state_dict(ckpt, source=str(ckpt_path))
         set_rng_state(ckpt["rng"], device)
         log.info("resumed from %s at step %d", ckpt_path, approach.step)
+    if opts.sync_bn and ctx.enabled and not distributed.convert_sync_batchnorm(approach.gen):
+        log.info("--sync-bn: the %s networks have no BatchNorm; nothing to synchronise", cfg.approach)
+    distributed.broadcast_state(approach.gen, approach.gen_ema, approach.dis)  # identical start on every rank
+    distributed.attach(approach)  # gradients averaged over the ranks
+    distributed.seed_rank(cfg.seed, ckpt)
+    if ctx.enabled:
+        log.info("%d ranks (%s): batch %d per rank, global batch %d%s", ctx.world_size,
+                 "nccl" if device.type == "cuda" else "gloo", cfg.batch_size, cfg.batch_size * ctx.world_size,
+                 ", BatchNorm synchronised" if opts.sync_bn else "")
     log.info("preset %s | approach %s | %s, %d classes, %d images | %dx%d, batch %d | %s %s %s",
              preset, cfg.approach, opts.data, dataset.num_classes, len(dataset), cfg.image_size,
              cfg.image_size, cfg.batch_size, device, opts.precision, opts.backend)
     if preset == "cpu":
-        log.info("no CUDA GPU: using the small CPU preset (64x64, reduced widths, batch 8); "
-                 "on a GPU the default is the paper's configuration")
+        log.info("no CUDA GPU: using the small CPU preset (reduced widths, %dx%d, batch %d); "
+                 "on a GPU the default is the paper's configuration", cfg.image_size, cfg.image_size,
+                 cfg.batch_size)
     stream = build_stream(opts.loader, dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
-                          device=device, workers=opts.workers)
+                          device=device, workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size)
     return approach, opts, dataset, stream
 
 
@@ -186,13 +221,21 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = approach.cfg
+    # Under torchrun only rank 0 writes files, logs, samples and evaluates; every rank trains.
+    ctx = distributed.context()
+    main_rank = ctx.is_main
     # which backend/kernels/optimiser/precision/loader ran
     run_info = {**approach.backend.describe(approach), "loader": stream.name}
-    (out / "config.json").write_text(json.dumps(
-        {"config": config_to_dict(cfg), "trainer": vars(opts), "num_classes": dataset.num_classes,
-         "run": run_info}, indent=2))
+    if ctx.enabled:
+        run_info["world_size"] = ctx.world_size
+    if main_rank:
+        (out / "config.json").write_text(json.dumps(
+            {"config": config_to_dict(cfg), "trainer": vars(opts), "num_classes": dataset.num_classes,
+             "run": run_info}, indent=2))
     pairs = sample_pairs(dataset, n_pairs=min(8, max(2, dataset.num_classes)))
-    tb = open_tensorboard(out)
+    tb = open_tensorboard(out) if main_rank else None
+    # --eval-every: the held-out set and the probes are built once, before the clock starts
+    evaluator = TrainingEvaluator(approach, opts, log=log.info) if opts.eval_every and main_rank else None
     timer, progress = PhaseTimer(approach.device), Progress(opts.steps, approach.step)
     last_good = approach.step
     t_log, images = time.time(), 0
@@ -201,29 +244,30 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     # always before a checkpoint is written, so a bad state is never saved.
     check_every = opts.nan_check_every or (1 if approach.backend.name == "reference" else opts.log_every)
     all_finite, window_start = None, approach.step + 1
-    with open(out / "metrics.jsonl", "a") as metrics:
+    with open(out / "metrics.jsonl" if main_rank else os.devnull, "a") as metrics:
         while approach.step < opts.steps:
             with timer("data"):
                 x, y = next(stream)
                 x, y = x.to(approach.device, non_blocking=True), y.to(approach.device, non_blocking=True)
             losses = approach.train_step(x, y, timer)
-            images += x.shape[0]
+            images += x.shape[0] * ctx.world_size
             step = approach.step
             final = step == opts.steps
             if opts.nan_policy == "stop":
                 finite = torch.isfinite(torch.stack(list(losses.values()))).all()
                 all_finite = finite if all_finite is None else all_finite & finite
                 if step % check_every == 0 or step % opts.ckpt_every == 0 or final:
-                    if not bool(all_finite):
+                    if not bool(distributed.all_true(all_finite)):  # every rank stops together
                         where = f"step {step}" if window_start == step else f"steps {window_start}-{step}"
                         bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
+                        bad = bad or "an earlier step of the window" + (" or another rank" if ctx.enabled else "")
                         raise NonFiniteLoss(
-                            f"non-finite loss at {where}: {bad or 'an earlier step of the window'}; training "
-                            f"stopped, the last good checkpoint is {out / 'checkpoints' / 'last.pt'} (step {last_good})")
+                            f"non-finite loss at {where}: {bad}; training stopped, the last good checkpoint "
+                            f"is {out / 'checkpoints' / 'last.pt'} (step {last_good})")
                     all_finite, window_start = None, step + 1
             if step % opts.log_every == 0 or final:
                 now = time.time()
-                values = {k: v.item() for k, v in losses.items()}
+                values = {k: v.item() for k, v in distributed.mean_losses(losses).items()}  # global batch's
                 img_s = images / max(now - t_log, 1e-9)
                 record = {"step": step, "epoch": stream.epoch, **values, "img_per_s": img_s,
                           **{f"sec_{k}": v for k, v in timer.collect().items()}, **run_info}
@@ -235,13 +279,23 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                     for k, v in record.items():
                         if k != "step" and isinstance(v, float) and math.isfinite(v):
                             tb.add_scalar(k, v, step)
-                progress.update(step, values, img_s, final)
+                if main_rank:
+                    progress.update(step, values, img_s, final)
                 t_log, images = now, 0
-            if step % opts.sample_every == 0 or final:
+            if main_rank and (step % opts.sample_every == 0 or final):
                 write_samples(approach, pairs, out / "samples" / f"step_{step:07d}.png", tb, step)
             if step % opts.ckpt_every == 0 or final:
                 save(approach, opts, stream, out, snapshot=True)
                 last_good = step
+            if evaluator is not None and (step % opts.eval_every == 0 or final):
+                record = evaluator.record(approach)  # {"step", "eval": {...}, "sec_eval"}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                t_log += record["sec_eval"]  # img/s counts training time only
+                if tb is not None:
+                    for k, v in record["eval"].items():
+                        if isinstance(v, float):
+                            tb.add_scalar(f"eval/{k}", v, step)
     if tb is not None:
         tb.close()
     log.info("done: %d steps; samples in %s, checkpoint %s", opts.steps, out / "samples",
@@ -255,17 +309,26 @@ def main(argv=None) -> int:
     except (UsageError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         # Bad input is reported as one line, without a traceback.
         print(f"error: {e}", file=sys.stderr)
+        distributed.teardown()
         return 2
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.teardown(clean=False)
+        return 1
     if ready is None:
         return 0
+    ok = False
     try:
         train(*ready)
-    except NonFiniteLoss as e:
+        ok = True
+    except (NonFiniteLoss, DistributedError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown(clean=ok)
     return 0
 
 

@@ -98,3 +98,17 @@ def test_dispatch():
     assert torch.equal(upsample_conv(x, w3, b), upsample_conv_ref(x, w3, b))
     with pytest.raises(ValueError, match="impl must be one of"):
         upsample_conv(x, w, b, impl="triton")
+
+
+def test_train_flag(tmp_path, capsys):
+    """`--subpixel-decoder` reaches the fast generator and is recorded; with the reference backend
+    it is a one-line usage error."""
+    from g2g_fast.train import main, setup
+    args = ["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--steps", "1", "--subpixel-decoder",
+            "--set", "nf=8", "--set", "nf_mlp=16", "--set", "latent_dim=8", "--out", str(tmp_path)]
+    approach, opts, _, stream = setup(args + ["--backend", "fast"])
+    stream.close()
+    assert approach.gen.dec.subpixel and opts.subpixel_decoder
+    assert approach.backend.describe(approach)["decoder_upsample"] == "subpixel"
+    assert main(args + ["--backend", "reference"]) == 2
+    assert "--subpixel-decoder is an option of the fast backend" in capsys.readouterr().err

@@ -4,9 +4,11 @@ Everything a batch contains is a pure function of (seed, global step, rank, worl
 - epoch e's order is `torch.randperm(n)` from a generator seeded `seed * 1_000_003 + e`;
 - global step k consumes global batch `k % batches_per_epoch` of epoch `k // batches_per_epoch`,
   a global batch being `world_size * batch_size` consecutive entries of the order;
-- rank r takes entries `[r * batch_size, (r + 1) * batch_size)` of the global batch, so the ranks'
-  shards are disjoint, cover the epoch, and concatenated in rank order equal the batch of one
-  process with batch size `world_size * batch_size`;
+- rank r takes entries `[r * h, (r + 1) * h)` and `[W * h + r * h, W * h + (r + 1) * h)` of the
+  global batch (h = batch_size / 2, W = world_size): the ranks' shards are disjoint, cover the
+  epoch, and each rank's halves pairs (x[j], x[j + h]) are pairs (x[j], x[j + W * h]) of one
+  process with batch size W * batch_size, so W ranks train exactly that process's step (an odd
+  batch size takes the contiguous entries `[r * batch_size, (r + 1) * batch_size)`);
 - the sample (epoch, index) is augmented with a generator seeded from (seed, epoch, index).
 So `BatchStream(..., start_step=k)` continues exactly where a stream that yielded k batches stopped,
 and the result does not depend on the number of workers or on which worker loads which sample.
@@ -71,8 +73,17 @@ class StepPlan:
         epoch, b = divmod(step, self.per_epoch)
         if epoch != self._order_epoch:
             self._order, self._order_epoch = epoch_order(self.n, self.seed, epoch).tolist(), epoch
-        start = b * self.batch_size * self.world_size + self.rank * self.batch_size
-        return [(epoch, i) for i in self._order[start:start + self.batch_size]]
+        base = b * self.batch_size * self.world_size
+        if self.world_size > 1 and self.batch_size % 2 == 0:
+            # The first half from the global first half, the second from the second half: the
+            # G2G pairs of one process (g2g_fast.distributed explains the exactness).
+            h, global_half = self.batch_size // 2, self.batch_size * self.world_size // 2
+            first = base + self.rank * h
+            picked = self._order[first:first + h] + self._order[first + global_half:first + global_half + h]
+        else:
+            start = base + self.rank * self.batch_size
+            picked = self._order[start:start + self.batch_size]
+        return [(epoch, i) for i in picked]
 
 
 class _StepBatches(Sampler):

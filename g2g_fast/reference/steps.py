@@ -104,6 +104,9 @@ class Approach:
         # nan_policy "skip": a step whose loss is not finite applies no update (costs one host
         # sync per phase); otherwise the caller checks the returned losses.
         self.skip_nonfinite, self.skipped = skip_nonfinite, 0
+        # Several ranks (g2g_fast.distributed.GradSync): averages gradients between backward and
+        # the optimiser step; None for one process, which then pays nothing.
+        self.grad_sync = None
         self.step = 0
         self.backend = backend or ReferenceBackend()
         self.gen, self.dis = self.build_networks()
@@ -141,15 +144,24 @@ class Approach:
     def _update(self, loss: torch.Tensor, opt, scaler) -> None:
         """Backward and optimiser step (loss-scaled under fp16); skipped for a non-finite loss
         when skip_nonfinite is set."""
-        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
-            self.skipped += 1
-            return
+        sync = self.grad_sync
+        if self.skip_nonfinite:
+            finite = torch.isfinite(loss)
+            if sync is not None:
+                finite = sync.all_true(finite)  # one rank's bad loss skips the update on every rank
+            if not bool(finite):
+                self.skipped += 1
+                return
         opt.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
+            if sync is not None:
+                sync(opt)
             opt.step()
         else:
             scaler.scale(loss).backward()
+            if sync is not None:
+                sync(opt)  # scaled gradients: every rank's scaler sees the same infs and scales alike
             scaler.step(opt)
             scaler.update()
 
@@ -247,8 +259,11 @@ class Funit2Funit(Approach):
         # Each mix is judged on the class it carries: m1 has x2's class (label y2), m2 has y1.
         # (The original code used the swapped labels.)
         fake = [hinge_d_fake(self.dis(m1, y2)[0]), hinge_d_fake(self.dis(m2, y1)[0])]
+        # R1 squares the gradient of a batch mean, so it scales as 1/n^3 in a call's n images: on W
+        # ranks of n images each the ranks' mean is W^2 x the penalty of one process on all W*n.
+        world = self.grad_sync.world_size if self.grad_sync is not None else 1
         terms = {"d_real": (real[0] + real[1]) / 2, "d_fake": (fake[0] + fake[1]) / 2,
-                 "d_r1": (reg[0] + reg[1]) / 2}
+                 "d_r1": (reg[0] + reg[1]) / (2 * world ** 2)}
         w = {"d_real": self.cfg.gan_w, "d_fake": self.cfg.gan_w, "d_r1": self.cfg.r1_w}
         return weighted_total(terms, w), terms
 
