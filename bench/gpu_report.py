@@ -23,17 +23,6 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 all-parameter G gradient error ||g_fast - g_ref|| / ||g_ref|| (<= 0.1: rounding-
                 level differences flip a few ReLU masks, see tests/test_fast_parity.py); after
                 one d_step each from re-synchronised states, the same for D (<= 1e-4, R1 included).
-  train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
-                FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
-                reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel (the
-                decoder's upsampling by kernels.upsample_conv) and fast-compile (torch.compile
-                of the fast generator): each of the last two becomes a default only if it beats
-                fast; naive and CycleFUNIT with reference-fp32 and fast. A FLOP-counted eager iteration, warm-up (compile
-                included), then 5 timed iterations (CUDA events, median): img/s, FLOPs, MFU
-                against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,
-                speedups vs reference-fp32 and vs the best stock (PyTorch-only) provider, and
-                issue 5's targets: fast >= 3x reference-fp32, >= 1.5x the best stock variant,
-                peak memory <= 0.6x reference-fp32, MFU >= 35%.
   bandwidth     GB/s of fwd, bwd and fwd+bwd of the AdaIN ResBlock epilogue (relu, residual,
                 (B, C) weights) for triton / torch eager / torch.compile(reference), both formats,
                 from the byte ledger in bench/_shapes.py; median of CUDA-event timings after
@@ -42,6 +31,18 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 JPEGs, batch 64; the fast FUNIT2FUNIT trainer on a fixed on-device batch vs fed
                 by the loader --loader auto picks; issue 6's targets: loader >= 3x the trainer's
                 img/s, fed training >= 95% of fixed-batch img/s (bench/_loaders.py).
+  train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
+                FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
+                reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel (the
+                decoder's upsampling by kernels.upsample_conv) and fast-compile (torch.compile
+                of the fast generator): each of the last two becomes a default only if it beats
+                fast; naive and CycleFUNIT with reference-fp32 and fast; the compiled providers
+                after all eager ones. A FLOP-counted eager iteration, warm-up (compile
+                included), then 5 timed iterations (CUDA events, median): img/s, FLOPs, MFU
+                against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,
+                speedups vs reference-fp32 and vs the best stock (PyTorch-only) provider, and
+                issue 5's targets: fast >= 3x reference-fp32, >= 1.5x the best stock variant,
+                peak memory <= 0.6x reference-fp32, MFU >= 35%.
 
 The kernel targets (bf16 channels_last, fwd+bwd: >= 80% of copy bandwidth, >= 3x eager,
 >= 1.3x torch.compile) and the training-step targets are printed beside the measured numbers as
@@ -182,9 +183,11 @@ def peaks(ctx: Ctx, out: dict) -> None:
     out.update(matmul_n=ctx.matmul_n, matmul_bf16_tflops=T.matmul_peak_tflops(ctx.dev, ctx.matmul_n, reps=ctx.reps))
 
 
+# Kernel and loader tables before the long training-step table, whose compiled providers (the
+# slowest to set up) run last, so that a tight budget cuts those first.
 SECTIONS = (("environment", environment, 0), ("peaks", peaks, 10), ("parity", K.parity, 20),
-            ("model_parity", M.model_parity, 20), ("train_step", M.train_step, 30), ("bandwidth", K.bandwidth, 20),
-            ("loaders", LD.report_section, 40))
+            ("model_parity", M.model_parity, 20), ("bandwidth", K.bandwidth, 20),
+            ("loaders", LD.report_section, 40), ("train_step", M.train_step, 30))
 
 
 # ------------------------------------------------------------------------------------------
