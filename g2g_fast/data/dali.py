@@ -46,6 +46,14 @@ def dali_available() -> bool:
     return True
 
 
+def _cause(err: Exception) -> str:
+    """The informative line of a DALI pipeline error (it ends with boilerplate)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else type(err).__name__
+
+
 def _png_bytes(path: str) -> np.ndarray:
     buf = io.BytesIO()
     load_rgb(path).save(buf, format="PNG", compress_level=1)
@@ -69,8 +77,8 @@ def _build_pipeline(source, batch_size: int, image_size: int, device_id: int | N
         img = fn.flip(img, horizontal=flip)  # before the resize, in the reference's order
         img = fn.resize(img, resize_x=size[0], resize_y=size[1], interp_type=types.INTERP_LINEAR,
                         antialias=True)
-        crop = np.array([image_size, image_size], dtype=np.float32)
-        img = fn.slice(img, anchor, crop, axis_names="WH", normalized_anchor=False, normalized_shape=False,
+        # Crop corner as an argument input (always CPU, also for GPU images), size a constant.
+        img = fn.slice(img, start=anchor, shape=[image_size, image_size], axis_names="WH",
                        out_of_bounds_policy="error")
         return img, label
 
@@ -127,7 +135,7 @@ class DaliStream(Stream):
             a = sample_augment(self.dataset, self.seed, epoch, i, w, h)
             flip.append(np.array(int(a.flip), dtype=np.int32))
             size.append(np.array([w, h], dtype=np.float32))
-            anchor.append(np.array([a.left, a.top], dtype=np.float32))
+            anchor.append(np.array([a.left, a.top], dtype=np.int32))  # fn.slice's `start`: int32
             label.append(np.array(self.dataset.labels[i], dtype=np.int64))
         return encoded, flip, size, anchor, label
 
@@ -137,9 +145,8 @@ class DaliStream(Stream):
         try:
             images, labels = self._pipe.run()
         except RuntimeError as e:
-            raise DataError(f"--loader dali: the pipeline failed near step {self.step} "
-                            f"({str(e).strip().splitlines()[-1] if str(e).strip() else e}); "
-                            f"a file may be corrupt beyond its header: try --loader torch, which names it") from None
+            raise DataError(f"--loader dali: the pipeline failed near step {self.step} ({_cause(e)}); a file "
+                            f"may be corrupt beyond its header: try --loader torch, which names it") from None
         images = images.as_tensor()
         pixels = torch.empty(images.shape(), dtype=torch.uint8, device=self.device)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
