@@ -214,7 +214,8 @@ class GradSync:
     """Averages gradients over the ranks after backward, before the optimiser step.
 
     Gradients are packed per (device, dtype) into flat buckets of about `bucket_bytes`, summed with
-    one all-reduce each, divided by the world size and copied back (any memory format). Works for
+    one all-reduce each, divided by the world size (not under fp16 loss scaling, where each rank
+    backpropagated loss / W instead: `Approach._update`) and copied back (any memory format). Works for
     any backward (R1's double backward included) and for every optimiser. The set of parameters
     with a gradient must be the same on every rank (checked once per optimiser)."""
 
@@ -222,7 +223,8 @@ class GradSync:
         self.world_size, self.group, self.bucket_bytes = world_size, group, bucket_bytes
         self._checked: set[int] = set()
 
-    def __call__(self, opt: torch.optim.Optimizer) -> None:
+    def __call__(self, opt: torch.optim.Optimizer, average: bool = True) -> None:
+        """`average=False`: sum only (the caller already divided its loss by the world size)."""
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if id(opt) not in self._checked:
             self._check_same_params(len(grads))
@@ -230,7 +232,8 @@ class GradSync:
         for bucket in self._buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])
             collective("the gradient all-reduce", dist.all_reduce, flat, group=self.group)
-            flat.div_(self.world_size)
+            if average:
+                flat.div_(self.world_size)
             offset = 0
             for g in bucket:
                 g.copy_(flat[offset:offset + g.numel()].view(g.shape))

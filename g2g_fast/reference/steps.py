@@ -159,9 +159,15 @@ class Approach:
                 sync(opt)
             opt.step()
         else:
-            scaler.scale(loss).backward()
-            if sync is not None:
-                sync(opt)  # scaled gradients: every rank's scaler sees the same infs and scales alike
+            if sync is None:
+                scaler.scale(loss).backward()
+            else:
+                # Each rank backpropagates loss / W and the ranks' gradients are summed, not averaged:
+                # its fp16 activation gradients then have one process's size (1/(W*B) per image),
+                # where averaging after backward leaves them W x larger, overflowing (and skipping
+                # the step) at 1/W of the scale one process reaches.
+                (scaler.scale(loss) / sync.world_size).backward()
+                sync(opt, average=False)  # scaled: every rank's scaler sees the same infs and scales alike
             scaler.step(opt)
             scaler.update()
 
