@@ -129,6 +129,7 @@ def _time_steps(ctx, run, reps: int) -> tuple[list[float], dict, bool]:
 
 
 def _step_row(ctx, approach: str, provider: str, peak_tflops: float | None) -> dict:
+    T.free(ctx.dev)  # nothing of an earlier section or row in this row's peak memory
     values = T.SCALES[ctx.scale][approach]
     row = dict(approach=approach, provider=provider, image_size=values["image_size"],
                batch_size=values["batch_size"])
@@ -170,7 +171,8 @@ def train_step(ctx, out: dict) -> None:
     # (the slowest to set up) comes after all eager ones, so a tight budget cuts those first.
     cases = [(a, p) for a, providers in T.STEP_PLAN.items() for p in providers]
     for approach, provider in sorted(cases, key=lambda c: T.PROVIDERS[c[1]].compile):
-        need = (150 if T.PROVIDERS[provider].compile else 30) if not ctx.smoke else 2
+        # Compiled rows also leave `ctx.reserve_s` for the sections after this one.
+        need = (150 + ctx.reserve_s if T.PROVIDERS[provider].compile else 30) if not ctx.smoke else 2
         if ctx.skip(f"train_step {approach} {provider}", need):
             continue
         out["rows"].append(_step_row(ctx, approach, provider, peak))

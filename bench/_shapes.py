@@ -140,8 +140,8 @@ def sync(device) -> None:
 
 def median_ms(fn, device, *, warmup: int = 3, reps: int = 20, flush: torch.Tensor | None = None) -> float:
     """Median milliseconds of fn() after warm-up: CUDA events on a GPU (optionally zeroing
-    `flush`, a buffer larger than L2, before each rep and outside the events), else perf_counter
-    around fn() + synchronize."""
+    `flush`, a buffer larger than L2, before each rep and outside the events; a GPU spin ahead of
+    each start event keeps host launch latency out), else perf_counter around fn() + synchronize."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -150,6 +150,10 @@ def median_ms(fn, device, *, warmup: int = 3, reps: int = 20, flush: torch.Tenso
         for _ in range(reps):
             if flush is not None:
                 flush.zero_()
+            # ~0.5 ms of GPU spin before `start`: the host queues fn's launches meanwhile, so the
+            # events time the kernels back to back, not the host's launch overhead (which exceeds
+            # the kernels' time at the small FUNIT shapes).
+            torch.cuda._sleep(1_000_000)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()

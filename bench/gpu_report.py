@@ -27,10 +27,6 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 (B, C) weights) for triton / torch eager / torch.compile(reference), both formats,
                 from the byte ledger in bench/_shapes.py; median of CUDA-event timings after
                 warm-up, L2 flushed before each rep; fraction of copy bandwidth; speedups.
-  loaders       img/s of each --loader (torch, gpu-cache, dali) at 128^2 from 2048 generated
-                JPEGs, batch 64; the fast FUNIT2FUNIT trainer on a fixed on-device batch vs fed
-                by the loader --loader auto picks; issue 6's targets: loader >= 3x the trainer's
-                img/s, fed training >= 95% of fixed-batch img/s (bench/_loaders.py).
   train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
                 FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
                 reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel (the
@@ -43,6 +39,10 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 speedups vs reference-fp32 and vs the best stock (PyTorch-only) provider, and
                 issue 5's targets: fast >= 3x reference-fp32, >= 1.5x the best stock variant,
                 peak memory <= 0.6x reference-fp32, MFU >= 35%.
+  loaders       img/s of each --loader (torch, gpu-cache, dali) at 128^2 from 2048 generated
+                JPEGs, batch 64; the fast FUNIT2FUNIT trainer on a fixed on-device batch vs fed
+                by the loader --loader auto picks; issue 6's targets: loader >= 3x the trainer's
+                img/s, fed training >= 95% of fixed-batch img/s (bench/_loaders.py).
 
 The kernel targets (bf16 channels_last, fwd+bwd: >= 80% of copy bandwidth, >= 3x eager,
 >= 1.3x torch.compile) and the training-step targets are printed beside the measured numbers as
@@ -106,6 +106,7 @@ class Ctx:
         self.step_compile_backend = "eager" if args.smoke else "inductor"
         # The fast generator's fused norms in model_parity / train_step: "auto" on a GPU.
         self.model_impl = "ref" if self.dev.type == "cpu" else None
+        self.reserve_s = 0.0  # seconds the compiled train_step rows leave for the sections after
         self.notes: list[str] = []
         if self.impl == "ref":
             self.notes.append('no GPU and TRITON_INTERPRET!=1: provider "triton" runs impl="ref"')
@@ -183,11 +184,14 @@ def peaks(ctx: Ctx, out: dict) -> None:
     out.update(matmul_n=ctx.matmul_n, matmul_bf16_tflops=T.matmul_peak_tflops(ctx.dev, ctx.matmul_n, reps=ctx.reps))
 
 
-# Kernel and loader tables before the long training-step table, whose compiled providers (the
-# slowest to set up) run last, so that a tight budget cuts those first.
+# The kernel tables, then the training-step table, whose compiled rows (the slowest to set up)
+# run last among its rows and leave LOADERS_RESERVE_S for the loaders: those run DALI's GPU
+# decoder and worker processes, the least tried code here, so they go last where a crash or hang
+# cannot cost the other sections (each is saved as it ends).
+LOADERS_RESERVE_S = 45
 SECTIONS = (("environment", environment, 0), ("peaks", peaks, 10), ("parity", K.parity, 20),
             ("model_parity", M.model_parity, 20), ("bandwidth", K.bandwidth, 20),
-            ("loaders", LD.report_section, 40), ("train_step", M.train_step, 30))
+            ("train_step", M.train_step, 30), ("loaders", LD.report_section, LOADERS_RESERVE_S))
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,6 +243,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown section(s) {sorted(unknown)}; choose from {[n for n, _, _ in SECTIONS]}")
     ctx = Ctx(args)
+    ctx.reserve_s = LOADERS_RESERVE_S if "loaders" in wanted and not args.smoke else 0
     times = ctx.report["section_seconds"] = {}
     for name, fn, need in SECTIONS:
         out = ctx.report[name] = {}

@@ -63,7 +63,9 @@ class FastBackend(ReferenceBackend):
     def describe(self, approach) -> dict:
         from kernels import adain_backend
         probe = torch.empty(1, 1, 2, 2, device=approach.device)
-        return {"backend": self.name, "kernels": "adain:" + adain_backend(probe)[0],
+        # Only the FUNIT generator has fused ops; the naive approach's networks are the reference's.
+        kernels = "adain:" + adain_backend(probe)[0] if hasattr(approach.gen, "impl") else "none (reference networks)"
+        return {"backend": self.name, "kernels": kernels,
                 "optimizer": type(approach.opt_g).__module__ + "." + type(approach.opt_g).__name__,
                 "precision": approach.precision, "memory_format": "channels_last",
                 "decoder_upsample": "subpixel" if self.subpixel else "nearest+conv5"}
