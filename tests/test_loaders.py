@@ -210,6 +210,35 @@ def test_dali_resume_is_exact_and_skips_bad_files(photos, caplog):
 
 
 @needs_dali
+@pytest.mark.parametrize("layout", ["celeba", "list_file"])
+def test_dali_reads_celeba_and_list_files(tmp_path, photos, layout):
+    """The other two file layouts: the CelebA identity file (identities relabelled) and a FUNIT
+    list file. Images at the stored size, so DALI must equal the reference loader exactly."""
+    from g2g_fast.data import build_dataset
+    from g2g_fast.data.dali import DaliStream
+    if layout == "celeba":
+        root = tmp_path / "celeba"
+        ident = {1: 10, 2: 10, 3: 2, 4: 2, 5: 7, 6: 7}
+        for k in ident:
+            path = root / f"img_align_celeba/{k:06d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _smooth(R, R + k, k).save(path, quality=95)
+        (root / "identity_CelebA.txt").write_text("".join(f"{k:06d}.jpg {v}\n" for k, v in ident.items()))
+        (root / "list_eval_partition.txt").write_text("".join(f"{k:06d}.jpg 0\n" for k in ident))
+    else:
+        root = photos
+        (root / "train_list.txt").write_text("cat/a.png\ndog/a.png\nfox/b.png\ncat/b.jpg\ndog/c.jpg\n")
+    ds = build_dataset(str(root), image_size=S)
+    assert all(_stored_size(info) for info in ds.infos)
+    ref, dali = BatchStream(ds, 2, seed=6), DaliStream(ds, 2, seed=6, threads=1)
+    for _ in range(2 * ref.batches_per_epoch):
+        (x1, y1), (x2, y2) = next(ref), next(dali)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    if layout == "celeba":
+        assert sorted(set(ds.labels)) == [0, 1, 2] and ds.class_names == ["2", "7", "10"]
+
+
+@needs_dali
 def test_dali_refuses_synthetic_data():
     from g2g_fast.data.dali import DaliStream
     with pytest.raises(DataError, match="synthetic data has none; use --loader gpu-cache"):
