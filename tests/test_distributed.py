@@ -383,13 +383,17 @@ def test_env_world_reads_torchrun_variables(monkeypatch):
 
 # --- tests: gradients and losses against one process -----------------------------------------
 
+def worker_results(kind: str, out) -> list[dict]:
+    """Run the `kind` worker on WORLD ranks into `out`; its saved results: [rank 0's, rank 1's]."""
+    for rank, (code, text, _) in enumerate(run_workers(kind, out)):
+        assert code == 0, f"rank {rank} failed:\n{text[-3000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """The results of worker_equivalence on 2 ranks: [rank 0's, rank 1's]."""
-    out = tmp_path_factory.mktemp("equivalence")
-    for rank, (code, text, _) in enumerate(run_workers("equivalence", out)):
-        assert code == 0, f"rank {rank} failed:\n{text[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return worker_results("equivalence", tmp_path_factory.mktemp("equivalence"))
 
 
 @pytest.fixture
@@ -475,10 +479,7 @@ def test_nonfinite_loss_on_one_rank_skips_everywhere(ranks):
 @pytest.fixture(scope="module")
 def amp_fast(tmp_path_factory):
     """The results of worker_amp_fast on 2 ranks: [rank 0's, rank 1's]."""
-    out = tmp_path_factory.mktemp("amp_fast")
-    for rank, (code, text, _) in enumerate(run_workers("amp-fast", out)):
-        assert code == 0, f"rank {rank} failed:\n{text[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return worker_results("amp-fast", tmp_path_factory.mktemp("amp_fast"))
 
 
 def one_process_fp16(autocast: bool) -> list[dict]:
