@@ -140,14 +140,14 @@ def collective(what: str, fn, *args, **kwargs):
 
 # --- data: resuming on another number of ranks ------------------------------------------------
 
-def resume_batch_size(ckpt: dict, batch_size: int) -> int:
+def resume_batch_size(ckpt: dict, batch_size: int, explicit: bool = False) -> int:
     """Per-rank batch when resuming `ckpt` on this world size: the saved global batch split over the
-    ranks (so steps keep reading the same images), unless the user chose another batch size."""
+    ranks (so steps keep reading the same images), unless the user set the batch size (`explicit`)."""
     data = ckpt.get("data", {})
     saved_world = int(data.get("world_size", 1))
     saved_batch = int(ckpt["config"]["batch_size"])
     world = _CTX.world_size
-    if saved_world == world or batch_size != saved_batch:
+    if saved_world == world or explicit:
         return batch_size
     total = int(data.get("global_batch", saved_batch * saved_world))
     if total % world or (total // world) % 2:

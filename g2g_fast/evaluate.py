@@ -338,7 +338,9 @@ def prepare_data(data: str, *, data_format="auto", image_size=64, seed=0, synthe
 
 # ---- during training (`python -m g2g_fast.train --eval-every N`) -----------------------------------
 
-TRAIN_EVAL_SAMPLES = 128   # held-out pairs per evaluation during training (256 held-out images)
+CLI_SAMPLES = 256          # the CLI's --samples default; it sizes the held-out set (folder data: and
+                           # with it which images the probes train on, part of the probe cache key)
+TRAIN_EVAL_SAMPLES = 128   # held-out pairs per evaluation during training, from that same held-out set
 TRAIN_EVAL_LEAK = 1024     # training images for the leakage probes
 TRAIN_EVAL_SEED = 0        # pairs and probes: the CLI's default seed, so its cached probes are shared
 
@@ -365,7 +367,7 @@ class TrainingEvaluator:
             self.train_set, self.held, self.num_classes, identity, self.where = prepare_data(
                 opts.data, data_format=opts.data_format, image_size=cfg.image_size, seed=cfg.seed,
                 synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
-                resize_to=opts.resize_to, samples=TRAIN_EVAL_SAMPLES, heldout_split="val")
+                resize_to=opts.resize_to, samples=CLI_SAMPLES, heldout_split="val")
             cache = P.default_cache_dir() if cache_dir is None else cache_dir
             self.probes = build_probes(self.train_set, identity, cache, seed=TRAIN_EVAL_SEED, log=log,
                                        steps=probe_steps or P.PROBE_STEPS)
@@ -402,7 +404,8 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--synthetic-per-class", type=int, default=None)
     p.add_argument("--data-seed", type=int, default=None, help="dataset seed (default: the checkpoint's seed, else 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the probes (default: 0)")
-    p.add_argument("--samples", type=int, default=256, help="held-out pairs to evaluate (default: 256)")
+    p.add_argument("--samples", type=int, default=CLI_SAMPLES,
+                   help=f"held-out pairs to evaluate (default: {CLI_SAMPLES})")
     p.add_argument("--probe-train", type=int, default=2048, help="training images for the probes (default: 2048)")
     p.add_argument("--probe-steps", type=int, default=P.PROBE_STEPS,
                    help=f"training steps of each image probe (default: {P.PROBE_STEPS}; part of the cache key)")

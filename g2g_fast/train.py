@@ -26,7 +26,7 @@ from .config import config_to_dict
 from .data import DataError, build_dataset, build_stream
 from .distributed import DistributedError
 from .evaluate import TrainingEvaluator
-from .options import TrainOptions, UsageError, build_parser, resolve
+from .options import TrainOptions, UsageError, build_parser, read_config_file, resolve
 from .reference.g2g import g2g_forward
 from .reference.steps import build_approach
 from .samples import g2g_grid, save_png
@@ -143,6 +143,13 @@ def save(approach, opts: TrainOptions, stream, out: Path, snapshot: bool):
             old.unlink()
 
 
+def batch_size_given(args) -> bool:
+    """Whether the user set the batch size (flag, --set or --config), rather than the checkpoint."""
+    sets = {item.split("=", 1)[0].strip() for item in args.set}
+    return (args.batch_size is not None or "batch_size" in sets
+            or bool(args.config and "batch_size" in read_config_file(args.config)))
+
+
 def make_backend(opts: TrainOptions):
     if opts.backend == "fast":
         return BACKENDS["fast"](subpixel=bool(opts.subpixel_decoder))
@@ -175,7 +182,7 @@ def setup(argv):
     ctx = distributed.init_from_env(device, opts.dist_timeout)
     device = ctx.device
     if ckpt is not None:  # the same images per step when resuming on another number of ranks
-        cfg.batch_size = distributed.resume_batch_size(ckpt, cfg.batch_size)
+        cfg.batch_size = distributed.resume_batch_size(ckpt, cfg.batch_size, explicit=batch_size_given(args))
     if opts.backend == "auto":
         opts.backend = "fast" if device.type == "cuda" else "reference"
     if opts.precision == "auto":
@@ -321,13 +328,14 @@ def main(argv=None) -> int:
     try:
         train(*ready)
         ok = True
-    except (NonFiniteLoss, DistributedError) as e:
+    except (NonFiniteLoss, DistributedError, DataError) as e:  # DataError: a loader failing mid-run
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
     finally:
+        ready[3].close()  # the loader's workers / DALI pipeline now, not at garbage collection
         distributed.teardown(clean=ok)
     return 0
 

@@ -343,7 +343,8 @@ def test_resume_batch_size_keeps_the_global_batch(monkeypatch):
     ckpt = {"config": {"batch_size": 4}, "data": {"step": 2, "world_size": 2, "global_batch": 8}}
     monkeypatch.setattr(distributed, "_CTX", distributed.DistContext(world_size=1))
     assert distributed.resume_batch_size(ckpt, 4) == 8        # 2 x 4 -> 1 x 8
-    assert distributed.resume_batch_size(ckpt, 6) == 6        # an explicit other batch size wins
+    assert distributed.resume_batch_size(ckpt, 6, explicit=True) == 6  # the user's batch size wins ...
+    assert distributed.resume_batch_size(ckpt, 4, explicit=True) == 4  # ... also when it equals the saved one
     monkeypatch.setattr(distributed, "_CTX", distributed.DistContext(rank=1, world_size=4))
     assert distributed.resume_batch_size(ckpt, 4) == 2        # 2 x 4 -> 4 x 2
     monkeypatch.setattr(distributed, "_CTX", distributed.DistContext(world_size=8))

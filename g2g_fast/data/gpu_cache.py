@@ -67,16 +67,17 @@ class ImageCache:
         store = self.device if self.on_device else torch.device("cpu")
         pin = self.device.type == "cuda" and not self.on_device
         t0 = time.perf_counter()
-        buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        # Synthetic images on a GPU are rendered straight into device memory; files are decoded into
+        # host memory (pinned when the cache stays there) and moved once at the end.
+        synthetic_on_gpu = not dataset.augmented and store.type == "cuda"
+        buf = (torch.empty(self.nbytes, dtype=torch.uint8, device=store) if synthetic_on_gpu
+               else torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin))
         offsets = [0] * n
         for i in range(1, n):
             offsets[i] = offsets[i - 1] + numel[i - 1]
         # Index `i` is served by `source[i]`: itself, or the next decodable index when its file fails
         # to decode (the reference loader's replacement, see FolderDataset._decode).
         source = list(range(n))
-        synthetic_on_gpu = not dataset.augmented and store.type == "cuda"
-        if synthetic_on_gpu:
-            buf = buf.to(store)  # rendered straight into device memory
 
         def fill(i: int) -> None:
             j, img = dataset.stored(i, store if synthetic_on_gpu else "cpu")
@@ -93,7 +94,7 @@ class ImageCache:
         else:
             for i in range(n):
                 fill(i)
-        self.buffer = buf.to(store) if not synthetic_on_gpu else buf
+        self.buffer = buf.to(store)  # a no-op when it is already there
         self.source = source
         self.sizes = sizes
         self.offsets = torch.tensor(offsets, dtype=torch.int64, device=store)
@@ -101,13 +102,11 @@ class ImageCache:
         self.labels = torch.tensor(dataset.labels, dtype=torch.int64, device=store)
         self.seconds = time.perf_counter() - t0
 
-    def crops(self, index: list[int], augs, size: int) -> torch.Tensor:
-        """uint8 (B, size, size, 3): image `index[b]` flipped if `augs[b].flip`, cropped at
-        (augs[b].top, augs[b].left), by one gather on the storage device."""
+    def crops(self, meta: torch.Tensor, size: int) -> torch.Tensor:
+        """uint8 (B, size, size, 3) by one gather on the storage device. `meta` (B, 4) int64 on that
+        device holds, per sample, the image index, the crop's top and left, and the flip flag."""
         store = self.buffer.device
-        idx = torch.tensor(index, dtype=torch.int64, device=store)
-        meta = torch.tensor([[a.top, a.left, a.flip] for a in augs], dtype=torch.int64, device=store)
-        top, left, flip = meta.unbind(1)
+        idx, top, left, flip = meta.unbind(1)
         width = self.widths[idx]
         r = torch.arange(size, device=store)
         rows = top[:, None] + r                                   # (B, S)
@@ -138,16 +137,20 @@ class CachedStream(Stream):
                  self.cache.why, self.cache.seconds)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        index, augs = [], []
+        rows = []
         for epoch, i in self.plan.keys(self.step):
             j = self.cache.source[i]
             w, h = self.cache.sizes[j]
             # The generator belongs to the requested index, the pixels to its replacement: as in
             # the reference loader.
-            augs.append(sample_augment(self.dataset, self.seed, epoch, i, w, h))
-            index.append(j)
-        pixels = self.cache.crops(index, augs, self.dataset.image_size)
-        labels = self.cache.labels[torch.tensor(index, device=self.cache.labels.device)]
+            a = sample_augment(self.dataset, self.seed, epoch, i, w, h)
+            rows.append((j, a.top, a.left, int(a.flip)))
+        meta = torch.tensor(rows, dtype=torch.int64)
+        store = self.cache.buffer.device
+        if store.type == "cuda":  # one small asynchronous copy: no host sync on the training stream
+            meta = meta.pin_memory().to(store, non_blocking=True)
+        pixels = self.cache.crops(meta, self.dataset.image_size)
+        labels = self.cache.labels[meta[:, 0]]
         if pixels.device != self.device:  # host cache: pinned batch, asynchronous copy
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
