@@ -46,14 +46,24 @@ def sync(device) -> None:
 
 
 def open_loader(name: str, root: Path, image_size: int, batch: int, device, workers: int):
-    """(dataset, stream, setup seconds): the setup includes the file check and, for gpu-cache,
-    decoding every image once."""
+    """(dataset, stream, setup seconds, first batch on the CPU): the setup includes the file check
+    and, for gpu-cache, decoding every image once. Every loader's first batch (seed 0, step 0) is
+    the same images with the same flips and crops, so comparing them checks the loader on this
+    device (`parity`)."""
     t = time.perf_counter()
     ds = FolderDataset(root, image_size=image_size)
     stream = build_stream(name, ds, batch, seed=0, device=device, workers=workers)
-    next(stream)  # DALI builds and prefetches, the torch workers start, on the first batch
+    x, y = next(stream)  # DALI builds and prefetches, the torch workers start, on the first batch
     sync(device)
-    return ds, stream, time.perf_counter() - t
+    return ds, stream, time.perf_counter() - t, (x.cpu(), y.cpu())
+
+
+def parity(batch, ref) -> dict:
+    """A loader's first batch against the torch loader's, in 8-bit levels."""
+    (x, y), (xr, yr) = batch, ref
+    diff = (x.float() - xr.float()).abs() * 127.5
+    return dict(labels_equal=bool(torch.equal(y, yr)), max_level_diff=round(diff.max().item(), 2),
+                mean_level_diff=round(diff.mean().item(), 4), frac_pixels_differ=round((diff > 0.5).float().mean().item(), 4))
 
 
 def loader_img_per_s(stream, batches: int, device) -> float:
@@ -108,6 +118,7 @@ def report_section(ctx, out: dict) -> None:
         auto, why = choose_loader("auto", FolderDataset(root, image_size=size), ctx.dev)
         out.update(images=n, batch_size=batch, image_size=size, workers=workers, auto=auto, auto_why=why,
                    targets=LOADER_TARGETS, rows=[])
+        first = {}
         for name in LOADERS:
             row, stream = {"loader": name}, None
             out["rows"].append(row)
@@ -115,8 +126,10 @@ def report_section(ctx, out: dict) -> None:
                 row["skipped"] = skip_reason(name)
                 continue
             try:
-                _, stream, setup_s = open_loader(name, root, size, batch, ctx.dev, workers)
+                _, stream, setup_s, first[name] = open_loader(name, root, size, batch, ctx.dev, workers)
                 row.update(setup_s=round(setup_s, 2), img_per_s=loader_img_per_s(stream, batches, ctx.dev))
+                if "torch" in first:  # torch runs first: the reference for the others
+                    row["parity_vs_torch"] = parity(first[name], first["torch"])
             except Exception as e:
                 row["error"] = ctx.error(f"loaders {name}", e)
             finally:
@@ -137,7 +150,7 @@ def report_section(ctx, out: dict) -> None:
                                     fed_vs_synthetic=None, loader_vs_trainer=None)
                 if fed_by is None:
                     raise RuntimeError("no loader produced batches (see the rows)")
-                _, stream, _ = open_loader(fed_by, root, size, batch, ctx.dev, workers)
+                _, stream, _, _ = open_loader(fed_by, root, size, batch, ctx.dev, workers)
                 fed = train_img_per_s(run, steps, ctx.dev, stream)
             out["train"].update(fed_img_per_s=fed, fed_vs_synthetic=fed / synthetic,
                                 loader_vs_trainer=rates[fed_by] / synthetic)
@@ -155,10 +168,14 @@ def report_markdown(sec: dict, fmt) -> list:
     L = ["", f"## Loaders ({sec.get('image_size', '-')}^2 crops of {sec.get('images', '-')} generated JPEGs, "
          f"batch {sec.get('batch_size', '-')}, {sec.get('workers', '-')} workers)", "",
          f"--loader auto picks **{sec.get('auto', '-')}**: {sec.get('auto_why', '-')}", "",
-         "| loader | img/s | setup s | note |", "|---|---|---|---|"]
+         "First batch against the torch loader's (same images, flips and crops): gpu-cache must be "
+         "equal (0 levels); dali within its resampler/decoder tolerance (data/dali.py).", "",
+         "| loader | img/s | setup s | labels equal | max / mean level diff | note |", "|---|---|---|---|---|---|"]
     for r in sec.get("rows", []):
+        par = r.get("parity_vs_torch", {})
         L.append(f"| {r['loader']} | {fmt(r.get('img_per_s'), '.0f')} | {fmt(r.get('setup_s'), '.2f')} "
-                 f"| {r.get('skipped') or r.get('error') or ''} |")
+                 f"| {par.get('labels_equal', '-')} | {fmt(par.get('max_level_diff'), '.1f')} / "
+                 f"{fmt(par.get('mean_level_diff'), '.3f')} | {r.get('skipped') or r.get('error') or ''} |")
     tr, v = sec.get("train"), sec.get("verdicts", {})
     if tr:
         verdict = {None: "n/a", True: "met", False: "missed"}

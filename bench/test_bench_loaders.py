@@ -28,7 +28,7 @@ def test_loader(benchmark, device, jpeg_folder, loader):
     batch, batches = (64, 16) if cuda else (16, 4)
     workers = min(8, os.cpu_count() or 1)
     benchmark.group = "loaders 128px"
-    ds, stream, setup_s = L.open_loader(loader, jpeg_folder, 128, batch, device, workers)
+    ds, stream, setup_s, _ = L.open_loader(loader, jpeg_folder, 128, batch, device, workers)
     rates = []
     benchmark.pedantic(lambda: rates.append(L.loader_img_per_s(stream, batches, device)),
                        rounds=3 if cuda else 2, iterations=1)

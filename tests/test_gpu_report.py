@@ -76,5 +76,7 @@ def test_gpu_report_smoke(tmp_path):
     measured = {r["loader"] for r in ld["rows"] if r.get("img_per_s", 0) > 0}
     assert measured == {"torch", "gpu-cache"} | ({"dali"} if not any(r.get("skipped") for r in ld["rows"]) else set())
     assert ld["auto"] == "torch" and ld["train"]["fed_img_per_s"] > 0 and ld["train"]["synthetic_img_per_s"] > 0
+    cache = next(r for r in ld["rows"] if r["loader"] == "gpu-cache")["parity_vs_torch"]
+    assert cache["labels_equal"] and cache["max_level_diff"] == 0  # bit for bit
     assert set(ld["verdicts"]) == {"loader_vs_trainer", "fed_vs_synthetic"}
     assert "## Loaders" in js.with_suffix(".md").read_text()

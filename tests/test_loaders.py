@@ -24,6 +24,8 @@ from g2g_fast.data.dali import dali_available
 from g2g_fast.data.gpu_cache import ImageCache, placement
 from g2g_fast.train import main
 
+from conftest import requires_cuda
+
 S = 24                  # crop; resize_to defaults to round(24 * 140 / 128) = 26
 R = 26
 LEVEL = 1 / 127.5       # one 8-bit level in [-1, 1] units
@@ -243,6 +245,38 @@ def test_dali_refuses_synthetic_data():
     from g2g_fast.data.dali import DaliStream
     with pytest.raises(DataError, match="synthetic data has none; use --loader gpu-cache"):
         DaliStream(_synthetic(), 2)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("data", ["folder", "synthetic"])
+def test_cache_on_cuda_equals_torch_loader(photos, data):
+    """The device gather (and, for synthetic data, rendering on the GPU) against the reference:
+    folder data bit for bit; synthetic within one level (the GPU's transcendental functions may
+    round a pixel differently, data/synthetic.py)."""
+    ds = FolderDataset(photos, image_size=S) if data == "folder" else _synthetic()
+    ref, fast = BatchStream(ds, 2, seed=3), CachedStream(ds, 2, seed=3, device="cuda")
+    assert fast.cache.on_device
+    for (x1, y1), (x2, y2) in zip(_take(ref, 5), _take(fast, 5)):
+        assert x2.is_cuda and y2.is_cuda and torch.equal(y1, y2.cpu())
+        err = (x1 - x2.cpu()).abs().max()
+        assert err == 0 if data == "folder" else err <= LEVEL + 1e-6
+
+
+@requires_cuda
+@needs_dali
+def test_dali_on_cuda_equals_torch_loader(photos):
+    """nvJPEG + DALI's GPU resize against the reference: labels exact, pixels within the resampler /
+    decoder tolerance (a few levels; nvJPEG is not bit-exact with libjpeg-turbo)."""
+    from g2g_fast.data.dali import DaliStream
+    ds = FolderDataset(photos, image_size=S)
+    ref, dali = BatchStream(ds, 2, seed=4), DaliStream(ds, 2, seed=4, device="cuda", threads=2)
+    for (x1, y1), (x2, y2) in zip(_take(ref, 5), _take(dali, 5)):
+        assert x2.is_cuda and torch.equal(y1, y2.cpu())
+        err = (x1 - x2.cpu()).abs()
+        assert err.max() <= 4 * LEVEL + 1e-6 and err.mean() <= 0.5 * LEVEL
 
 
 # ---------------------------------------------------------------- choosing
