@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .loader import StepPlan, Stream, sample_augment
-from .transforms import DataError, load_rgb, resized_size
+from .loader import StepPlan, Stream, sample_augment, stored_sizes
+from .transforms import DataError, load_rgb
 
 log = logging.getLogger("g2g_fast")
 
@@ -106,7 +105,7 @@ class DaliStream(Stream):
         self.plan = StepPlan(len(dataset), batch_size, seed, True, rank, world_size)
         self.dataset, self.seed, self.device = dataset, seed, torch.device(device)
         self.batches_per_epoch, self.step = self.plan.per_epoch, start_step
-        self.sizes = [resized_size(i.width, i.height, dataset.resize_to) for i in dataset.infos]
+        self.sizes = stored_sizes(dataset)
         self._reencoded: dict[int, np.ndarray] = {}
         self._io = ThreadPoolExecutor(max_workers=max(2, threads))
         self._feed = start_step  # DALI runs the source ahead of the consumer (prefetch)

@@ -19,20 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .loader import StepPlan, Stream, sample_augment
-from .transforms import DataError, resized_size
+from .loader import StepPlan, Stream, sample_augment, stored_sizes
+from .transforms import DataError
 
 log = logging.getLogger("g2g_fast")
 
 # The training step needs the rest of the GPU memory: the cache may take half of what is free.
 GPU_FRACTION = 0.5
-
-
-def stored_sizes(dataset) -> list[tuple[int, int]]:
-    """(width, height) of every image as the cache stores it, known without decoding."""
-    if hasattr(dataset, "infos"):
-        return [resized_size(i.width, i.height, dataset.resize_to) for i in dataset.infos]
-    return [(dataset.image_size, dataset.image_size)] * len(dataset)
 
 
 def cache_bytes(dataset) -> int:

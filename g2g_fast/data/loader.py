@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .transforms import Augment, DataError, draw_augment
+from .transforms import Augment, DataError, draw_augment, resized_size
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -36,6 +36,14 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     samples and epochs get unrelated streams."""
     state = np.random.SeedSequence([seed % 2**63, epoch, index]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def stored_sizes(dataset) -> list[tuple[int, int]]:
+    """(width, height) of every image before flip and crop (`dataset.stored`), from the up-front
+    file check, without decoding; synthetic images are stored at their final size."""
+    if hasattr(dataset, "infos"):
+        return [resized_size(i.width, i.height, dataset.resize_to) for i in dataset.infos]
+    return [(dataset.image_size, dataset.image_size)] * len(dataset)
 
 
 def sample_augment(dataset, seed: int, epoch: int, index: int, width: int, height: int) -> Augment:
