@@ -624,8 +624,11 @@ def test_torchrun_trains_and_resumes_on_2_ranks_and_on_1(tmp_path):
     assert [r["step"] for r in metrics(again)] == [3, 4]
 
     # 2 ranks -> 1 rank: batch 8, the same images; fp32 rounding differs, so compare one step.
+    # No --batch-size here: an explicit one (even the saved 4) would win and change the schedule.
     single = tmp_path / "single"
-    assert main(cli_args(single, 3, "--resume", str(two / "checkpoints" / "step_0000002.pt"))) == 0
+    args = cli_args(single, 3, "--resume", str(two / "checkpoints" / "step_0000002.pt"))
+    i = args.index("--batch-size")
+    assert main(args[:i] + args[i + 2:]) == 0
     resumed = load_last(single)
     assert resumed["config"]["batch_size"] == WORLD * BATCH and resumed["data"] == {"step": 3}
     got = metrics(single)
