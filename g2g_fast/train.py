@@ -335,7 +335,8 @@ def main(argv=None) -> int:
         print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
     finally:
-        ready[3].close()  # the loader's workers / DALI pipeline now, not at garbage collection
+        if ok:  # the loader's workers / DALI pipeline now, not at garbage collection (ablate runs
+            ready[3].close()  # several trainings in one process); after a failure the process exits
         distributed.teardown(clean=ok)
     return 0
 
