@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _report_common import verdict
+from _shapes import sync
 from g2g_fast.data import FolderDataset, build_stream
 from g2g_fast.data.dali import dali_available
 
@@ -38,11 +40,6 @@ def skip_reason(name: str) -> str | None:
     if name == "dali" and not dali_available():
         return 'NVIDIA DALI is not installed (pip install -e ".[dali]")'
     return None
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def open_loader(name: str, root: Path, image_size: int, batch: int, device, workers: int):
@@ -178,15 +175,14 @@ def report_markdown(sec: dict, fmt) -> list:
                  f"{fmt(par.get('mean_level_diff'), '.3f')} | {r.get('skipped') or r.get('error') or ''} |")
     tr, v = sec.get("train"), sec.get("verdicts", {})
     if tr:
-        verdict = {None: "n/a", True: "met", False: "missed"}
         L += ["", f"Fast FUNIT2FUNIT trainer, {tr['steps']} steps: {fmt(tr['synthetic_img_per_s'], '.1f')} img/s on a "
               f"fixed on-device batch, {fmt(tr['fed_img_per_s'], '.1f')} img/s fed by {tr['loader']}"
               + ("" if tr["loader"] == sec.get("auto") else f" (auto's pick, {sec.get('auto')}, failed here)") + ".", "",
               "| target | measured | verdict |", "|---|---|---|",
               f"| loader img/s >= 3x the trainer's | {fmt(tr['loader_vs_trainer'], '.2f')}x "
-              f"| {verdict[v.get('loader_vs_trainer')]} |",
+              f"| {verdict(v.get('loader_vs_trainer'))} |",
               f"| training fed by the loader >= 95% of fixed-batch img/s | {fmt(tr['fed_vs_synthetic'], '.0%')} "
-              f"| {verdict[v.get('fed_vs_synthetic')]} |"]
+              f"| {verdict(v.get('fed_vs_synthetic'))} |"]
     if "train_error" in sec:
         L.append(f"\ntraining error: {sec['train_error']}")
     return L

@@ -223,8 +223,6 @@ def check_options(o: TrainOptions) -> None:
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")
-    if o.subpixel_decoder and o.backend == "reference":
-        raise UsageError("--subpixel-decoder is an option of the fast backend; drop it or use --backend fast")
     if not isinstance(o.nan_check_every, int) or o.nan_check_every < 0:
         raise UsageError(f"--nan-check-every must be >= 0, got {o.nan_check_every!r}")
     if not isinstance(o.eval_every, int) or o.eval_every < 0:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .loader import StepPlan, Stream, sample_augment, stored_sizes
+from .loader import StepPlan, Stream, nhwc_to_unit_range, sample_augment, stored_sizes
 from .transforms import DataError, load_rgb
 
 log = logging.getLogger("g2g_fast")
@@ -151,8 +151,7 @@ class DaliStream(Stream):
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(images, pixels, cuda_stream=stream)
         y = torch.from_numpy(np.array(labels.as_tensor())).to(self.device, non_blocking=True)
-        # (B, S, S, 3) -> (B, 3, S, S) is a channels_last view; the same scaling ops as the reference.
-        x = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = nhwc_to_unit_range(pixels)
         self.step += 1
         return x, y
 

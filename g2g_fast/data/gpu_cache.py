@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .loader import StepPlan, Stream, sample_augment, stored_sizes
+from .loader import StepPlan, Stream, nhwc_to_unit_range, sample_augment, stored_sizes
 from .transforms import DataError
 
 log = logging.getLogger("g2g_fast")
@@ -147,7 +147,6 @@ class CachedStream(Stream):
         if pixels.device != self.device:  # host cache: pinned batch, asynchronous copy
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-        # (B, S, S, 3) -> (B, 3, S, S) is a channels_last view; the same scaling ops as the reference.
-        x = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = nhwc_to_unit_range(pixels)
         self.step += 1
         return x, labels

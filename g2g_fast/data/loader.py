@@ -38,6 +38,12 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def nhwc_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [-1, 1]: a channels_last view, scaled by the
+    same ops as the reference transform (`transforms.to_unit_range`), so the values are identical."""
+    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def stored_sizes(dataset) -> list[tuple[int, int]]:
     """(width, height) of every image before flip and crop (`dataset.stored`), from the up-front
     file check, without decoding; synthetic images are stored at their final size."""
