@@ -122,6 +122,13 @@ def teardown(clean: bool = True) -> None:
     _CTX = DistContext(device=_CTX.device, timeout_s=_CTX.timeout_s)
 
 
+def abandoned() -> bool:
+    """Whether a process group is still alive after `teardown(clean=False)`: its backend threads
+    (gloo's wait on the dead peer) can call std::terminate when the interpreter shuts down, turning
+    a clean error exit into SIGABRT, so the entry point then leaves with os._exit."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]

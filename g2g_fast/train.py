@@ -341,5 +341,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None):
+    """The process entry point: `main`'s exit code. After a failed process group it leaves with
+    os._exit, before the group's backend threads can abort the interpreter's shutdown (SIGABRT
+    instead of the one-line error's exit code 1)."""
+    code = main(argv)
+    if distributed.abandoned():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

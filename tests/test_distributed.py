@@ -227,7 +227,7 @@ def worker_amp_fast(out: Path) -> None:
 def worker_cli_fault(out: Path, fault: str) -> None:
     """The trainer CLI, with rank 1 failing (`raise`) or stuck (`hang`) in its second step."""
     from g2g_fast.reference.steps import Approach
-    from g2g_fast.train import main
+    from g2g_fast.train import cli
 
     step = Approach.train_step
 
@@ -239,7 +239,7 @@ def worker_cli_fault(out: Path, fault: str) -> None:
         return step(self, x, y, timer)
 
     Approach.train_step = faulty
-    sys.exit(main(cli_args(out, 4, "--dist-timeout", "5")))
+    cli(cli_args(out, 4, "--dist-timeout", "5"))  # the CLI's own entry point, exit handling included
 
 
 WORKERS = {"equivalence": worker_equivalence, "amp-fast": worker_amp_fast, "cli-fault": worker_cli_fault}
