@@ -175,6 +175,9 @@ def train_step(ctx, out: dict) -> None:
         need = (150 + ctx.reserve_s if T.PROVIDERS[provider].compile else 30) if not ctx.smoke else 2
         if ctx.skip(f"train_step {approach} {provider}", need):
             continue
+        if T.PROVIDERS[provider].graph and ctx.dev.type != "cuda":
+            ctx.notes.append(f"train_step {approach} {provider}: skipped, {T.cpu_skip_reason(provider)}")
+            continue
         out["rows"].append(_step_row(ctx, approach, provider, peak))
         out["summary"] = _step_summary(out["rows"])
         ctx.flush()  # a budget cut or crash later still leaves these rows
@@ -204,6 +207,8 @@ def _step_summary(rows: list) -> list:
             s["subpixel_vs_fast"] = got["fast-subpixel"]["img_per_s"] / fast["img_per_s"]
         if fast is not None and "fast-compile" in got:  # and torch.compile of the fast generator
             s["compile_vs_fast"] = got["fast-compile"]["img_per_s"] / fast["img_per_s"]
+        if fast is not None and "fast-cudagraph" in got:  # and replaying the iteration from a CUDA graph
+            s["cudagraph_vs_fast"] = got["fast-cudagraph"]["img_per_s"] / fast["img_per_s"]
         if fast is not None:
             s.update({k: fast.get(k) for k in STEP_TARGETS})
             if approach == "funit2funit":
@@ -231,11 +236,18 @@ def _step_targets_markdown(ts: dict) -> list:
          f"| {verdict(v.get('peak_memory_ratio'))} |",
          f"| MFU >= 35% | {f(f2f.get('mfu'), '.1%')} | {verdict(v.get('mfu'))} |",
          f"| sub-pixel decoder (fast-subpixel / fast img/s; make it the default if > 1) "
-         f"| {f(f2f.get('subpixel_vs_fast'), '.2f')}x | {verdict(None if f2f.get('subpixel_vs_fast') is None else f2f['subpixel_vs_fast'] > 1)} |",
+         f"| {f(f2f.get('subpixel_vs_fast'), '.2f')}x | {_above_one(f2f.get('subpixel_vs_fast'))} |",
          f"| torch.compile of the fast generator (fast-compile / fast img/s; adopt if > 1) "
-         f"| {f(f2f.get('compile_vs_fast'), '.2f')}x | {verdict(None if f2f.get('compile_vs_fast') is None else f2f['compile_vs_fast'] > 1)} |",
+         f"| {f(f2f.get('compile_vs_fast'), '.2f')}x | {_above_one(f2f.get('compile_vs_fast'))} |",
+         f"| CUDA graph of the whole fast iteration (fast-cudagraph / fast img/s; add a trainer option if > 1) "
+         f"| {f(f2f.get('cudagraph_vs_fast'), '.2f')}x | {_above_one(f2f.get('cudagraph_vs_fast'))} |",
          ""]
     return L
+
+
+def _above_one(ratio: float | None) -> str:
+    """Verdict on an option's img/s ratio over fast: adopt it only if faster."""
+    return verdict(None if ratio is None else ratio > 1)
 
 
 def _model_parity_markdown(mp: dict) -> list:

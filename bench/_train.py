@@ -19,6 +19,11 @@ Providers:
   fast-subpixel              fast + the decoder's upsample + 5x5 convs as sub-pixel phase convs
                              (`FastBackend(subpixel=True)`, kernels/upsample_conv.py)
   fast-compile               fast + torch.compile of the generator's three methods, as above
+  fast-cudagraph             fast with capturable optimisers (`CapturableFastBackend`), the whole
+                             train_step (D step with R1, G step, EMA) captured once in a CUDA graph
+                             and replayed per iteration on a static batch (`capture_train_step`):
+                             measures what launch overhead still costs. CUDA only; becomes a
+                             trainer option only if this row beats "fast" (issue 5)
 cudnn.benchmark stays at PyTorch's default for every provider.
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` around one eager `train_step` per provider
@@ -62,6 +67,17 @@ SMOKE_VALUES = {  # gpu_report.py --smoke: about the smallest each approach acce
 SCALES = {"gpu": GPU_VALUES, "cpu": CPU_VALUES, "smoke": SMOKE_VALUES}
 
 
+class CapturableFastBackend(FastBackend):
+    """fast, with optimisers whose step may be captured in a CUDA graph: capturable=True keeps the
+    step count and bias corrections on the device instead of reading them on the host."""
+
+    def rmsprop(self, params, **kwargs):
+        return torch.optim.RMSprop(params, foreach=True, capturable=True, **kwargs)
+
+    def adam(self, params, **kwargs):
+        return torch.optim.Adam(params, fused=True, capturable=True, **kwargs)
+
+
 class ChannelsLastReference(ReferenceBackend):
     """The reference networks and optimisers with channels_last weights and activations: PyTorch's
     stock recipe for bf16 convolutions on tensor cores (its instance_norm still copies layouts)."""
@@ -80,6 +96,7 @@ class Provider:
     compile: bool = False           # torch.compile the generator's three methods
     tf32: bool | None = None        # None: leave PyTorch's flags; a bool: set both while running
     stock: bool = True              # PyTorch only (no g2g-fast kernels): candidates for "best stock"
+    graph: bool = False             # capture the whole train_step in a CUDA graph (CUDA only)
 
     def precision_on(self, device) -> str:
         """fast runs fp32 on the CPU (bf16 autocast there is slower and beside the point)."""
@@ -97,13 +114,15 @@ PROVIDERS = {
     # fast + torch.compile of the generator's methods (the fused ops are custom ops, so dynamo
     # traces them; D stays eager for R1): worth making a default only if this row beats "fast".
     "fast-compile": Provider(FastBackend, "bf16", compile=True, stock=False),
+    # fast with the whole iteration replayed from a CUDA graph: what launch overhead still costs.
+    "fast-cudagraph": Provider(CapturableFastBackend, "bf16", stock=False, graph=True),
 }
 # Which providers run for which approach, in the order gpu_report.py runs them: all four for
 # FUNIT2FUNIT (issue 5's targets; compile last, the slowest to set up, so a tight budget cuts it
 # first), the fp32 reference and fast for the others.
 STEP_PLAN = {
-    "funit2funit": ("reference-fp32", "fast", "fast-subpixel", "reference-bf16-cl", "reference-bf16-cl-compile",
-                    "fast-compile"),
+    "funit2funit": ("reference-fp32", "fast", "fast-subpixel", "reference-bf16-cl", "fast-cudagraph",
+                    "reference-bf16-cl-compile", "fast-compile"),
     "naive": ("reference-fp32", "fast"),
     "cyclefunit": ("reference-fp32", "fast"),
 }
@@ -113,6 +132,8 @@ COMPILED_METHODS = ("encode_content", "encode_class", "decode")
 def cpu_skip_reason(provider: str) -> str | None:
     """Why `pytest bench/` skips `provider` without a GPU (None: it runs)."""
     p = PROVIDERS[provider]
+    if p.graph:
+        return "CUDA graphs need a CUDA device"
     if p.compile:
         return "torch.compile of the generator needs a GPU here (inductor's CPU codegen takes minutes)"
     if p.stock and p.precision != "fp32":
@@ -126,7 +147,7 @@ def warmup_steps(provider: str, device) -> int:
     cuda = torch.device(device).type == "cuda"
     if PROVIDERS[provider].compile:
         return 3 if cuda else 1
-    return 2 if cuda else 0
+    return 2 if cuda else 0  # graph: replays after the capture (its eager warm-up is in capture_train_step)
 
 
 @contextlib.contextmanager
@@ -195,8 +216,14 @@ class Run:
     flops: int | None = None
     adain_impl: str | None = None   # forced impl of the fast generator's fused norms, if any
     compile_backend: str | None = None
+    graph: object = None            # torch.cuda.CUDAGraph of one train_step on (x, y), if captured
+    graph_losses: dict | None = None
 
     def step(self, timer=None):
+        """One iteration; a captured one replays the graph (no per-phase times: `timer` unused)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.graph_losses
         return self.ap.train_step(self.x, self.y, timer)
 
     def describe(self) -> dict:
@@ -208,6 +235,8 @@ class Run:
             d["compiled"] = f"gen.{{{','.join(COMPILED_METHODS)}}} ({self.compile_backend})"
         if self.adain_impl:
             d["kernels"] = f"adain:{self.adain_impl} (forced)"
+        if self.graph is not None:
+            d["compiled"] = "CUDA graph of train_step (capturable optimisers)"
         tf32 = PROVIDERS[self.provider].tf32
         if tf32 is not None:
             d["tf32"] = tf32
@@ -234,7 +263,27 @@ def prepare(approach: str, provider: str, device, values: dict, *, count: bool =
     if p.compile:
         compile_generator(ap.gen, compile_backend)
         run.compile_backend = compile_backend
+    if p.graph:
+        capture_train_step(run)
     return run
+
+
+def capture_train_step(run: Run, warmup: int = 3) -> None:
+    """Capture one `train_step(run.x, run.y)` in a CUDA graph (PyTorch's whole-network capture
+    recipe). The eager warm-up runs on a side stream first: it compiles the Triton kernels, creates
+    the optimiser states and lets cuBLAS/cuDNN allocate their workspaces, none of which may happen
+    during capture. Every step zeroes its gradients with set_to_none, so the gradients made during
+    capture live in the graph's pool and each replay rewrites them in place. The step has no host
+    synchronisation (no .item(), skip_nonfinite off), which capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            run.ap.train_step(run.x, run.y)
+    torch.cuda.current_stream().wait_stream(side)
+    run.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(run.graph):
+        run.graph_losses = run.ap.train_step(run.x, run.y)
 
 
 _PEAK: dict = {}

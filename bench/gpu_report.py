@@ -30,9 +30,9 @@ goes on; the slowest to set up come last so the budget cuts them first):
   train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
                 FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
                 reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel (the
-                decoder's upsampling by kernels.upsample_conv) and fast-compile (torch.compile
-                of the fast generator): each of the last two becomes a default only if it beats
-                fast; naive and CycleFUNIT with reference-fp32 and fast; the compiled providers
+                decoder's upsampling by kernels.upsample_conv), fast-cudagraph (the whole
+                iteration replayed from a CUDA graph) and fast-compile (torch.compile of the
+                fast generator): each of the last three is adopted only if it beats fast; naive and CycleFUNIT with reference-fp32 and fast; the compiled providers
                 after all eager ones. A FLOP-counted eager iteration, warm-up (compile
                 included), then 5 timed iterations (CUDA events, median): img/s, FLOPs, MFU
                 against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,

@@ -1,11 +1,12 @@
 """Throughput of one full training iteration (D step + G step + EMA, `Approach.train_step`).
 
-Parametrised approach x provider (`bench/_train.py` describes the four providers): FUNIT2FUNIT
-with all four (reference-fp32, reference-bf16-cl, reference-bf16-cl-compile, fast), CycleFUNIT
-and naive with reference-fp32 and fast. On CUDA the paper-scale configuration (128², batch 64,
-119 classes, FUNIT widths); on the CPU a tiny one so the suite stays quick, where the compile and
-bf16 stock providers are skipped (with the reason) and fast runs fp32 with its norms falling back
-to the reference op (visible in extra_info["describe"]).
+Parametrised approach x provider (`bench/_train.py` describes the providers): FUNIT2FUNIT with
+all of them (reference-fp32, reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel,
+fast-cudagraph, fast-compile), CycleFUNIT and naive with reference-fp32 and fast. On CUDA the
+paper-scale configuration (128², batch 64, 119 classes, FUNIT widths); on the CPU a tiny one so
+the suite stays quick, where the compile, CUDA-graph and bf16 stock providers are skipped (with
+the reason) and fast runs fp32 with its norms falling back to the reference op (visible in
+extra_info["describe"]). The CUDA-graph provider has no per-phase times (a replay is one launch).
 
 extra_info: img/s, FLOPs per iteration (FlopCounterMode around one eager train_step, R1's double
 backward included), achieved TFLOP/s, MFU against the bf16 matmul peak measured once per session

@@ -64,6 +64,8 @@ def test_gpu_report_smoke(tmp_path):
     assert set(f2f["targets"]) == {"vs_reference_fp32", "vs_best_stock", "peak_memory_ratio", "mfu"}
     assert f2f["stock_complete"] and f2f["subpixel_vs_fast"] > 0 and f2f["compile_vs_fast"] > 0
     assert "compiled" in rows["funit2funit", "fast-compile"]["describe"]
+    # CUDA graphs need a GPU: the row is skipped on the CPU, with a note saying so.
+    assert any("fast-cudagraph: skipped, CUDA graphs need a CUDA device" in n for n in rep["meta"]["notes"])
     assert rows["funit2funit", "fast-subpixel"]["describe"]["decoder_upsample"] == "subpixel"
 
     md = js.with_suffix(".md").read_text()
