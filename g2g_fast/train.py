@@ -195,7 +195,8 @@ def setup(argv):
                             resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
                             synthetic_per_class=opts.synthetic_per_class)
     approach = build_approach(cfg, dataset.num_classes, device, precision=opts.precision,
-                              skip_nonfinite=opts.nan_policy == "skip", backend=make_backend(opts))
+                              skip_nonfinite=opts.nan_policy == "skip", backend=make_backend(opts),
+                              init="files" if ckpt is None else "resume")
     if ckpt is not None:
         if ckpt.get("num_classes") != dataset.num_classes:
             raise CheckpointError(f"{ckpt_path}: trained on {ckpt.get('num_classes')} classes, "

@@ -46,7 +46,8 @@ def load_generator(args) -> tuple[torch.nn.Module, int]:
         return gen.eval(), args.image_size or 128
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(ckpt["config"]["approach"], ckpt["config"])
-    approach = build_approach(cfg, int(ckpt["num_classes"]))
+    # No pretrained file is read: the checkpoint holds G, and no loss is computed here.
+    approach = build_approach(cfg, int(ckpt["num_classes"]), init="inference")
     approach.load_state_dict(ckpt, source=args.checkpoint)
     gen = approach.gen if args.raw or approach.gen_ema is None else approach.gen_ema
     return gen.eval(), args.image_size or cfg.image_size

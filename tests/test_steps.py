@@ -70,6 +70,68 @@ def test_cyclefunit_step_identity_encoder_and_vgg(id_file, vgg_file):
     assert ap.identity_weight() == pytest.approx(0.5 * 2 / 4)  # second step of a 4-step warm-up
 
 
+def test_checkpoint_needs_no_pretrained_files(id_file, vgg_file, tmp_path):
+    """A checkpoint holds G, CycleFUNIT's identity class encoder included: translating or
+    evaluating it (init="inference") reads none of the pretrained files it was trained with, and
+    resuming (init="resume") reads only the frozen loss networks' files."""
+    id_copy, vgg_copy = tmp_path / "resnet50_ft.pth", tmp_path / "vgg16.pth"
+    id_copy.write_bytes(id_file[0].read_bytes())
+    vgg_copy.write_bytes(vgg_file[0].read_bytes())
+    files = dict(class_encoder="identity", identity_weights=str(id_copy), vgg_weights=str(vgg_copy),
+                 delta_identity=0.5)
+    ap = make("cyclefunit", **files)
+    x, y = batch()
+    ap.train_step(x, y)
+    state = copy.deepcopy(ap.state_dict())
+    expected = ap.train_step(x, y)
+
+    # Resuming needs only the VGG file: the identity net (class encoder and identity loss) is in G.
+    id_copy.unlink()
+    resumed = build_approach(config_from_dict("cyclefunit", {**TINY["cyclefunit"], **files}), 3, init="resume")
+    resumed.load_state_dict(copy.deepcopy(state))
+    got = resumed.train_step(x, y)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+    # With FUNIT's own class encoder, the identity loss's net is not in the checkpoint: its file is read.
+    loss_only = {**TINY["cyclefunit"], **files, "class_encoder": "funit"}
+    with pytest.raises(FileNotFoundError):
+        build_approach(config_from_dict("cyclefunit", loss_only), 3, init="resume")
+    assert build_approach(config_from_dict("cyclefunit", loss_only), 3, init="inference").id_net is None
+
+    vgg_copy.unlink()
+    infer = build_approach(config_from_dict("cyclefunit", {**TINY["cyclefunit"], **files}), 3, init="inference")
+    infer.load_state_dict(state)
+    assert infer.vgg is None and infer.gen.enc_class_model is infer.id_net
+    ap.load_state_dict(state)
+    with torch.no_grad():
+        want, out = ap.gen_ema.eval()(x[:2], x[2:]), infer.gen_ema.eval()(x[:2], x[2:])
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="init='inference'"):
+        infer.train_step(x, y)
+
+
+def test_resume_does_not_reread_the_initial_funit_file(tmp_path):
+    ap = make("funit2funit")
+    path = tmp_path / "gen.pt"
+    torch.save({"gen": ap.gen.state_dict(), "gen_test": ap.gen.state_dict()}, path)
+    ap = make("funit2funit", init_funit=str(path))
+    x, y = batch()
+    ap.train_step(x, y)
+    state = copy.deepcopy(ap.state_dict())
+    expected = ap.train_step(x, y)
+    path.unlink()
+    cfg = config_from_dict("funit2funit", {**TINY["funit2funit"], "init_funit": str(path)})
+    with pytest.raises(FileNotFoundError):
+        build_approach(cfg, 3)
+    resumed = build_approach(cfg, 3, init="resume")
+    resumed.load_state_dict(state)
+    got = resumed.train_step(x, y)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_approach(cfg, 3, init="checkpoint")
+
+
 def test_naive_step():
     losses = assert_step_is_complete(make("naive"))
     assert set(losses) == {"g_long", "g_content_cycle", "g_class_cycle", "g_total"}

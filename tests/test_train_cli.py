@@ -66,6 +66,32 @@ def test_resume_is_exact(tmp_path):
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[part]["state"][pid][k]))
 
 
+def test_checkpoint_outlives_its_pretrained_files(tmp_path, caplog):
+    """After the --init-funit file is gone, the run still resumes and its checkpoint still
+    translates: the checkpoint holds G, so neither reads that file again."""
+    from g2g_fast.config import config_from_dict
+    from g2g_fast.reference.steps import build_approach
+    from g2g_fast.translate import main as translate
+    from PIL import Image
+    values = dict(s.split("=") for s in TINY_SETS["funit2funit"])
+    gen = build_approach(config_from_dict("funit2funit", {k: int(v) for k, v in values.items()}), 3).gen
+    init = tmp_path / "funit_gen.pt"
+    torch.save({"gen": gen.state_dict(), "gen_test": gen.state_dict()}, init)
+    out = tmp_path / "run"
+    caplog.set_level("INFO", logger="g2g_fast")
+    assert main(tiny_args("funit2funit", out, 2, "--init-funit", str(init))) == 0
+    assert "G initialised from" in caplog.text
+    caplog.clear()
+    init.unlink()
+    assert main(tiny_args("funit2funit", out, 3, "--resume")) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 3
+    assert "resumed from" in caplog.text and "initialised" not in caplog.text  # no claim of a fresh start
+    Image.new("RGB", (40, 36), (200, 30, 60)).save(tmp_path / "a.png")
+    assert translate(["--checkpoint", str(out / "checkpoints" / "last.pt"), "--content", str(tmp_path / "a.png"),
+                      "--class", str(tmp_path / "a.png"), "--out", str(tmp_path / "t.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "t.png").is_file()
+
+
 def run_cli(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "g2g_fast.train", *args], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=300, **kw)

@@ -89,6 +89,14 @@ class IdentityEncoder(Frozen):
         enc.classifier = nn.Identity()
         return enc
 
+    @classmethod
+    def architecture(cls) -> IdentityEncoder:
+        """The network of `from_file` with random weights, for a checkpoint that holds its weights
+        (CycleFUNIT's identity class encoder is part of G) to be loaded into."""
+        enc = cls()
+        enc.classifier = nn.Identity()
+        return enc
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images of any size -> 224x224, [0, 255] minus the VGGFace2 mean RGB."""
         if tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):

@@ -73,8 +73,21 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) ->
     return sum(weights[k] * v for k, v in terms.items())
 
 
-def init_generator(gen: Generator, cfg) -> Generator:
-    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given."""
+# What an Approach reads from the weight files its config names (init_funit, identity_weights,
+# vgg_weights):
+#   "files"      a new run: all of them
+#   "resume"     a checkpoint's state follows: the networks it saves (G, with CycleFUNIT's identity
+#                class encoder inside) are only built, while the frozen loss networks (VGG, the
+#                identity net of delta_identity) still come from their files, as training needs them
+#   "inference"  a checkpoint follows and no loss is computed (translate, evaluate): no file is read,
+#                so a checkpoint works on a machine without the pretrained files it was trained with
+INIT_MODES = ("files", "resume", "inference")
+
+
+def init_generator(gen: Generator, cfg, init: str = "files") -> Generator:
+    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given, for a new run."""
+    if init != "files":
+        return gen  # the checkpoint's G replaces any initial weights
     if cfg.init_funit:
         load_official_generator(gen, cfg.init_funit, cfg.init_funit_key)
         log.info("G initialised from %s [%s]; the discriminator is fresh (no FUNIT discriminator "
@@ -91,7 +104,7 @@ class Approach:
     uses_short = True  # whether the G step needs the short reconstructions s_i
 
     def __init__(self, cfg: BaseConfig, num_classes: int, device: str | torch.device = "cpu",
-                 precision: str = "fp32", skip_nonfinite: bool = False, backend=None):
+                 precision: str = "fp32", skip_nonfinite: bool = False, backend=None, init: str = "files"):
         if not isinstance(cfg, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
         cfg.validate()
@@ -99,6 +112,9 @@ class Approach:
             raise ValueError(f"G2G needs at least 2 classes in the data, got {num_classes}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+        self.init = init
         self.cfg, self.num_classes, self.device = cfg, num_classes, torch.device(device)
         self.precision, self.amp_dtype = precision, PRECISIONS[precision]
         # nan_policy "skip": a step whose loss is not finite applies no update (costs one host
@@ -181,6 +197,9 @@ class Approach:
         return {**{k: v.detach().float() for k, v in terms.items()}, "d_total": loss.detach().float()}
 
     def g_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.init == "inference":
+            raise RuntimeError("this approach was built with init='inference' (no loss networks were "
+                               "loaded); build it with init='resume' to train from a checkpoint")
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
         # D's weight gradients in the G step would be discarded by the next D step: not
         # computing them is exact and saves that work (SPEC §7).
@@ -243,7 +262,7 @@ class Funit2Funit(Approach):
 
     def build_networks(self):
         cfg = self.cfg
-        gen = init_generator(self.backend.generator(**cfg.arch_kwargs()), cfg)
+        gen = init_generator(self.backend.generator(**cfg.arch_kwargs()), cfg, self.init)
         return gen, Discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
 
     def build_optimizers(self):
@@ -305,18 +324,23 @@ class CycleFunit(Approach):
 
     def build_networks(self):
         cfg = self.cfg
-        self.id_net = None
-        if cfg.class_encoder == "identity" or cfg.delta_identity > 0:
+        self.id_net = self.vgg = None
+        if cfg.class_encoder == "identity" and self.init != "files":
+            # Part of G: its weights are in the checkpoint that follows.
+            self.id_net = IdentityEncoder.architecture().to(self.device)
+        elif cfg.class_encoder == "identity" or (cfg.delta_identity > 0 and self.init != "inference"):
             self.id_net = IdentityEncoder.from_file(cfg.identity_weights).to(self.device)
         class_encoder = self.id_net if cfg.class_encoder == "identity" else None
         if class_encoder is not None and cfg.init_funit:
             raise ValueError("init_funit cannot be combined with class_encoder='identity' "
                              "(the MLP input differs from FUNIT's)")
-        gen = init_generator(self.backend.generator(**cfg.arch_kwargs(), class_encoder=class_encoder), cfg)
-        if cfg.vgg_weights:
+        gen = init_generator(self.backend.generator(**cfg.arch_kwargs(), class_encoder=class_encoder), cfg,
+                             self.init)
+        if self.init == "inference":
+            pass  # the perceptual loss is never computed
+        elif cfg.vgg_weights:
             self.vgg = VGGPerceptual.from_file(cfg.vgg_weights).to(self.device)
         else:
-            self.vgg = None
             log.warning("no vgg_weights given: the perceptual loss falls back to pixel L1")
         return gen, PatchDiscriminator(cfg.patch_nf)
 
