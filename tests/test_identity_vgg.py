@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fakes import VGG16_CONVS, big_zeros, resnet50_ft_shapes
+from fakes import big_zeros, resnet50_ft_shapes
 from g2g_fast.reference.identity import IdentityEncoder
 from g2g_fast.reference.weights import read_state_dict
 from g2g_fast.reference.vgg import VGGPerceptual, perceptual_l1
