@@ -122,6 +122,22 @@ def test_cache_equals_torch_loader_bitwise(photos, data, world):
         assert fast.step == steps and fast.epoch == 2
 
 
+def test_cache_gather_equals_slices(photos):
+    """The two crop paths (one gather on a GPU, per-sample copies in host memory) agree on
+    images of several sizes, every crop position, flipped or not."""
+    ds = FolderDataset(photos, image_size=S)
+    cache = ImageCache(ds, "cpu")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i, (w, h) in enumerate(cache.sizes):
+        for _ in range(4):
+            rows.append((i, int(torch.randint(0, h - S + 1, (), generator=g)),
+                         int(torch.randint(0, w - S + 1, (), generator=g)), len(rows) % 2))
+    assert len({(w, h) for w, h in cache.sizes}) > 1 and any(r[1] or r[2] for r in rows)
+    meta = torch.tensor(rows, dtype=torch.int64)
+    assert torch.equal(cache.crops(meta, S, gather=True), cache.crops(meta, S, gather=False))
+
+
 def test_cache_flip_and_crop_vary(photos):
     """Not a constant: the equality above must be about real augmentation."""
     ds = FolderDataset(photos, image_size=S)
@@ -165,6 +181,29 @@ def test_cache_placement():
 
 def _stored_size(info):
     return min(info.width, info.height) == R
+
+
+@needs_dali
+def test_dali_reencoded_cache_is_bounded(photos, monkeypatch, caplog):
+    """Non-RGB files are re-encoded as PNG and cached up to REENCODED_CACHE_BYTES; past it they
+    are re-encoded on each read, with the same pixels."""
+    import g2g_fast.data.dali as dali_mod
+    ds = FolderDataset(photos, image_size=S)
+    reencoded = [i for i, info in enumerate(ds.infos) if info.mode not in dali_mod._DIRECT_MODES]
+    assert len(reencoded) >= 2
+    one = len(dali_mod._png_bytes(ds.paths[reencoded[0]]))
+    unbounded = dali_mod.DaliStream(ds, 2, seed=4, threads=2)
+    monkeypatch.setattr(dali_mod, "REENCODED_CACHE_BYTES", one)
+    caplog.set_level("INFO", logger="g2g_fast")
+    bounded = dali_mod.DaliStream(ds, 2, seed=4, threads=2)
+    for _ in range(3 * bounded.batches_per_epoch):
+        (x1, y1), (x2, y2) = next(unbounded), next(bounded)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert len(unbounded._reencoded) >= 2  # read more than the bounded cache holds
+    assert 0 < bounded._reencoded_bytes <= one and set(bounded._reencoded) < set(unbounded._reencoded)
+    assert "re-encoded on every read" in caplog.text
+    unbounded.close()
+    bounded.close()
 
 
 @needs_dali

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,6 +36,9 @@ log = logging.getLogger("g2g_fast")
 INSTALL = 'pip install -e ".[dali]"  (the nvidia-dali-cuda130 wheel)'
 # Modes DALI's decoders turn into the same RGB as `load_rgb`; anything else is re-encoded via PIL.
 _DIRECT_MODES = ("RGB", "L")
+# Re-encoded PNGs are kept in host memory up to this many bytes; past it the rest are re-encoded on
+# every read (a dataset of mostly RGBA or palette files would otherwise grow without bound).
+REENCODED_CACHE_BYTES = 512 * 2**20
 
 
 def dali_available() -> bool:
@@ -107,6 +111,8 @@ class DaliStream(Stream):
         self.batches_per_epoch, self.step = self.plan.per_epoch, start_step
         self.sizes = stored_sizes(dataset)
         self._reencoded: dict[int, np.ndarray] = {}
+        self._reencoded_bytes, self._reencoded_lock, self._cache_full_logged = 0, threading.Lock(), False
+        self._reencoded_budget = REENCODED_CACHE_BYTES
         self._io = ThreadPoolExecutor(max_workers=max(2, threads))
         self._feed = start_step  # DALI runs the source ahead of the consumer (prefetch)
         gpu = self.device.type == "cuda"
@@ -119,9 +125,19 @@ class DaliStream(Stream):
     def _encoded(self, i: int) -> np.ndarray:
         if self.dataset.infos[i].mode in _DIRECT_MODES:
             return np.fromfile(self.dataset.paths[i], dtype=np.uint8)
-        if i not in self._reencoded:
-            self._reencoded[i] = _png_bytes(self.dataset.paths[i])
-        return self._reencoded[i]
+        cached = self._reencoded.get(i)
+        if cached is not None:
+            return cached
+        data = _png_bytes(self.dataset.paths[i])
+        with self._reencoded_lock:  # the I/O threads call this concurrently
+            if i not in self._reencoded and self._reencoded_bytes + data.nbytes <= self._reencoded_budget:
+                self._reencoded[i] = data
+                self._reencoded_bytes += data.nbytes
+            elif i not in self._reencoded and not self._cache_full_logged:
+                self._cache_full_logged = True
+                log.info("dali: the cache of re-encoded (non-RGB) images reached %d MiB; the rest are "
+                         "re-encoded on every read", self._reencoded_budget // 2**20)
+        return data
 
     def _source(self):
         """One batch of inputs for step `self._feed`: encoded bytes, flip, resized size, crop corner, label."""

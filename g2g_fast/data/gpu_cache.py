@@ -90,14 +90,23 @@ class ImageCache:
         self.buffer = buf.to(store)  # a no-op when it is already there
         self.source = source
         self.sizes = sizes
+        self._offsets = offsets  # host copy for the per-sample path
         self.offsets = torch.tensor(offsets, dtype=torch.int64, device=store)
         self.widths = torch.tensor([w for w, _ in sizes], dtype=torch.int64, device=store)
         self.labels = torch.tensor(dataset.labels, dtype=torch.int64, device=store)
         self.seconds = time.perf_counter() - t0
 
-    def crops(self, meta: torch.Tensor, size: int) -> torch.Tensor:
-        """uint8 (B, size, size, 3) by one gather on the storage device. `meta` (B, 4) int64 on that
-        device holds, per sample, the image index, the crop's top and left, and the flip flag."""
+    def crops(self, meta: torch.Tensor, size: int, gather: bool | None = None) -> torch.Tensor:
+        """uint8 (B, size, size, 3) on the storage device. `meta` (B, 4) int64 on that device holds,
+        per sample, the image index, the crop's top and left, and the flip flag. `gather`: one
+        indexing op for the batch (default on a GPU: one kernel, no per-sample launches); else one
+        strided copy per sample (default in host memory: ~9x faster there than the gather's
+        per-pixel index arithmetic)."""
+        if gather is None:
+            gather = self.buffer.device.type == "cuda"
+        return self._gather(meta, size) if gather else self._slices(meta, size)
+
+    def _gather(self, meta: torch.Tensor, size: int) -> torch.Tensor:
         store = self.buffer.device
         idx, top, left, flip = meta.unbind(1)
         width = self.widths[idx]
@@ -105,10 +114,23 @@ class ImageCache:
         rows = top[:, None] + r                                   # (B, S)
         # Column x of the crop of the flipped image is column W-1-(left+x) of the stored one.
         cols = torch.where(flip[:, None].bool(), width[:, None] - 1 - left[:, None] - r, left[:, None] + r)
-        flat = (self.offsets[idx].view(-1, 1, 1, 1)
-                + (rows.view(-1, size, 1, 1) * width.view(-1, 1, 1, 1) + cols.view(-1, 1, size, 1)) * 3
-                + torch.arange(3, device=store))
-        return self.buffer[flat]
+        # One index per pixel (not per byte): the buffer viewed as (pixels, 3) rows; every image
+        # starts on a pixel boundary (its offset is a multiple of 3).
+        pixel = ((self.offsets[idx] // 3).view(-1, 1, 1)
+                 + rows.view(-1, size, 1) * width.view(-1, 1, 1) + cols.view(-1, 1, size))
+        return self.buffer.view(-1, 3)[pixel]
+
+    def _slices(self, meta: torch.Tensor, size: int) -> torch.Tensor:
+        out = torch.empty(len(meta), size, size, 3, dtype=torch.uint8, device=self.buffer.device)
+        for b, (i, top, left, flip) in enumerate(meta.tolist()):
+            w, h = self.sizes[i]
+            off = self._offsets[i]
+            img = self.buffer[off:off + h * w * 3].view(h, w, 3)
+            if flip:  # the same columns as _gather: stored W-1-left-x for crop column x
+                out[b] = img[top:top + size, w - left - size:w - left].flip(1)
+            else:
+                out[b] = img[top:top + size, left:left + size]
+        return out
 
 
 class CachedStream(Stream):
