@@ -13,7 +13,8 @@ gradients is the one-process gradient. Two exceptions, handled here:
 "chain" pairing cannot be split exactly (one process would also chain across rank boundaries):
 each rank chains its own B images and the result is the mean of the ranks' chain losses.
 
-Gradients are averaged by an explicit bucketed all-reduce after backward (`GradSync`), not DDP:
+Gradients are averaged by an explicit bucketed all-reduce that starts during backward (`GradSync`:
+post-accumulate-grad hooks start each complete bucket, in a fixed order), not DDP:
 the D step's R1 term uses `torch.autograd.grad(create_graph=True)`, which DDP does not support,
 and the G2G wiring calls the generator several times per step. All ranks end every collective
 with bitwise-identical gradients, hence identical parameters. Every collective runs under the
@@ -58,6 +59,7 @@ class DistContext:
 
 
 _CTX = DistContext()
+_JOINED = False  # whether this process ever joined a process group (see `joined`)
 
 
 def context() -> DistContext:
@@ -84,7 +86,7 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> DistContext
     CUDA: NCCL, one GPU per local rank (`cuda:LOCAL_RANK`). CPU: gloo. Every collective (and the
     rendezvous) gives up after `timeout_s`, so a dead or stuck rank ends the job instead of hanging.
     """
-    global _CTX
+    global _CTX, _JOINED
     rank, world, local = env_world()
     if world == 1:
         _CTX = DistContext(device=device, timeout_s=timeout_s)
@@ -104,6 +106,7 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> DistContext
         raise DistributedError(f"rank {rank}/{world}: joining the process group failed "
                                f"({_first_line(e)}); check MASTER_ADDR/MASTER_PORT or the rendezvous "
                                f"settings of torchrun, or raise --dist-timeout") from None
+    _JOINED = True
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     _CTX = DistContext(rank, world, local, local_world, device, timeout_s)
     if rank != 0:
@@ -112,21 +115,28 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> DistContext
     return _CTX
 
 
-def teardown(clean: bool = True) -> None:
+def teardown(clean: bool = True, together: bool = False) -> None:
     """Leave the process group (safe to call when none was started). After a failure
     (`clean=False`) the group is only dropped: destroying it could wait on the dead rank, and
-    the process is about to exit anyway."""
+    the process is about to exit anyway. `together` (after a completed run, which every rank
+    completes): a barrier first, so no rank destroys its group while another still uses it."""
     global _CTX
+    if together and clean and dist.is_available() and dist.is_initialized():
+        try:  # after a run every rank finished: rank 0 may still be writing its last checkpoint
+            dist.barrier()
+        except Exception:
+            clean = False  # a rank is gone: destroying could wait on it
     if clean and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CTX = DistContext(device=_CTX.device, timeout_s=_CTX.timeout_s)
 
 
-def abandoned() -> bool:
-    """Whether a process group is still alive after `teardown(clean=False)`: its backend threads
-    (gloo's wait on the dead peer) can call std::terminate when the interpreter shuts down, turning
-    a clean error exit into SIGABRT, so the entry point then leaves with os._exit."""
-    return dist.is_available() and dist.is_initialized()
+def joined() -> bool:
+    """Whether this process joined a process group. The entry point then leaves with os._exit once
+    its files are written: the backend's threads (gloo's wait on a dead peer after a failure, and
+    rarely even after a clean destroy_process_group) can call std::terminate while the interpreter
+    shuts down, turning exit code 0 or 1 into SIGABRT, which torchrun reports as a failed job."""
+    return _JOINED
 
 
 def _first_line(e: BaseException) -> str:
@@ -217,47 +227,112 @@ def gather_rng(state: dict) -> list[dict] | None:
 
 # --- the step: gradients, finite flags, losses ---------------------------------------------------
 
-class GradSync:
-    """Averages gradients over the ranks after backward, before the optimiser step.
+class _Bucket:
+    """Parameters whose gradients are all-reduced together (one device and dtype)."""
 
-    Gradients are packed per (device, dtype) into flat buckets of about `bucket_bytes`, summed with
-    one all-reduce each, divided by the world size (not under fp16 loss scaling, where each rank
-    backpropagated loss / W instead: `Approach._update`) and copied back (any memory format). Works for
-    any backward (R1's double backward included) and for every optimiser. The set of parameters
-    with a gradient must be the same on every rank (checked once per optimiser)."""
+    def __init__(self, params: list):
+        self.params, self.ready, self.work, self.flat, self.grads = params, 0, None, None, []
+
+
+class GradSync:
+    """Averages gradients over the ranks between backward and the optimiser step.
+
+    `begin(opt)` before backward, `finish(opt)` after it. The optimiser's parameters are split once
+    into buckets of about `bucket_bytes` (per device and dtype, in reverse registration order, the
+    order backward tends to produce them). During backward a post-accumulate-grad hook counts each
+    bucket's gradients, and a bucket whose gradients are all there is packed and its all-reduce
+    started asynchronously, overlapping the rest of backward. Buckets start strictly in order, so
+    every rank issues the same collectives in the same order. `finish` starts what is left (buckets
+    with a parameter that got no gradient), waits, divides by the world size (not under fp16 loss
+    scaling, where each rank backpropagated loss / W instead: `Approach._update`) and copies back
+    (any memory format).
+
+    The hooks only see gradients accumulated into `.grad`, so R1's `autograd.grad(create_graph=True)`
+    passes through untouched and the penalty's gradient is reduced with the rest. The set of
+    parameters with a gradient must be the same on every rank: the first `finish` per optimiser
+    checks it before any of its collectives (that step does not overlap)."""
 
     def __init__(self, world_size: int, group=None, bucket_bytes: int = BUCKET_BYTES):
         self.world_size, self.group, self.bucket_bytes = world_size, group, bucket_bytes
+        self._buckets: dict[int, list[_Bucket]] = {}
+        self._armed: dict[int, bool] = {}      # id(opt) -> whether its hooks start buckets now
+        self._next: dict[int, int] = {}        # id(opt) -> index of the next bucket to start
+        self._average: dict[int, bool] = {}
         self._checked: set[int] = set()
+        self.started_in_backward = 0           # buckets started by the hooks (for tests and logs)
 
-    def __call__(self, opt: torch.optim.Optimizer, average: bool = True) -> None:
-        """`average=False`: sum only (the caller already divided its loss by the world size)."""
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if id(opt) not in self._checked:
-            self._check_same_params(len(grads))
-            self._checked.add(id(opt))
-        for bucket in self._buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            collective("the gradient all-reduce", dist.all_reduce, flat, group=self.group)
-            if average:
-                flat.div_(self.world_size)
+    def begin(self, opt: torch.optim.Optimizer, average: bool = True) -> None:
+        """Before backward. `average=False`: sum only (the caller already divided its loss by W)."""
+        key = id(opt)
+        if key not in self._buckets:
+            self._buckets[key] = self._plan(opt)
+        for b in self._buckets[key]:
+            b.ready, b.work, b.flat, b.grads = 0, None, None, []
+        self._next[key], self._average[key] = 0, average
+        self._armed[key] = key in self._checked
+
+    def finish(self, opt: torch.optim.Optimizer) -> None:
+        """After backward: every gradient is the ranks' mean (or sum) when this returns."""
+        key = id(opt)
+        self._armed[key] = False
+        buckets = self._buckets[key]
+        if key not in self._checked:
+            self._check_same_params(sum(p.grad is not None for b in buckets for p in b.params))
+            self._checked.add(key)
+        while self._next[key] < len(buckets):
+            self._start(key, buckets[self._next[key]])
+        for b in buckets:
+            if b.work is None:
+                continue
+            collective("the gradient all-reduce", b.work.wait)
+            if self._average[key]:
+                b.flat.div_(self.world_size)
             offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+            for g in b.grads:
+                g.copy_(b.flat[offset:offset + g.numel()].view(g.shape))
                 offset += g.numel()
+            b.work, b.flat, b.grads = None, None, []
 
-    def _buckets(self, grads):
-        open_, done = {}, []
-        for g in grads:
-            key = (g.device, g.dtype)
-            bucket, size = open_.get(key, ([], 0))
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-            if size >= self.bucket_bytes:
-                done.append(bucket)
-                bucket, size = [], 0
-            open_[key] = (bucket, size)
-        return done + [b for b, _ in open_.values() if b]
+    def _plan(self, opt) -> list[_Bucket]:
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        buckets, current, size = [], [], 0
+        for p in reversed(params):
+            if current and ((p.device, p.dtype) != (current[0].device, current[0].dtype)
+                            or size >= self.bucket_bytes):
+                buckets.append(_Bucket(current))
+                current, size = [], 0
+            current.append(p)
+            size += p.numel() * p.element_size()
+        if current:
+            buckets.append(_Bucket(current))
+        key = id(opt)
+        for b in buckets:
+            for p in b.params:
+                p.register_post_accumulate_grad_hook(self._hook(key, b))
+        return buckets
+
+    def _hook(self, key: int, bucket: _Bucket):
+        def on_grad(_param):
+            if not self._armed.get(key):
+                return
+            bucket.ready += 1
+            buckets = self._buckets[key]
+            # Start every complete bucket from the next one on, in order.
+            while self._next[key] < len(buckets):
+                b = buckets[self._next[key]]
+                if b.ready < len(b.params):
+                    break
+                self._start(key, b)
+                self.started_in_backward += 1
+        return on_grad
+
+    def _start(self, key: int, b: _Bucket) -> None:
+        self._next[key] += 1
+        b.grads = [p.grad for p in b.params if p.grad is not None]
+        if not b.grads:
+            return
+        b.flat = torch.cat([g.reshape(-1) for g in b.grads])
+        b.work = collective("the gradient all-reduce", dist.all_reduce, b.flat, group=self.group, async_op=True)
 
     def _check_same_params(self, n: int) -> None:
         t = torch.tensor([n, -n], dtype=torch.int64, device=_CTX.device)
@@ -290,10 +365,10 @@ def mean_losses(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(losses, flat.unbind()))
 
 
-def attach(approach) -> None:
+def attach(approach, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Make `approach` average its gradients over the ranks (nothing for one process)."""
     if _CTX.enabled:
-        approach.grad_sync = GradSync(_CTX.world_size)
+        approach.grad_sync = GradSync(_CTX.world_size, bucket_bytes=bucket_bytes)
 
 
 # --- SyncBatchNorm ------------------------------------------------------------------------------

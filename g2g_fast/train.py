@@ -338,16 +338,16 @@ def main(argv=None) -> int:
     finally:
         if ok:  # the loader's workers / DALI pipeline now, not at garbage collection (ablate runs
             ready[3].close()  # several trainings in one process); after a failure the process exits
-        distributed.teardown(clean=ok)
+        distributed.teardown(clean=ok, together=ok)
     return 0
 
 
 def cli(argv=None):
-    """The process entry point: `main`'s exit code. After a failed process group it leaves with
-    os._exit, before the group's backend threads can abort the interpreter's shutdown (SIGABRT
-    instead of the one-line error's exit code 1)."""
+    """The process entry point: `main`'s exit code. A rank of a torchrun job leaves with os._exit
+    (every file is written and closed by then), before the process group's backend threads can
+    abort the interpreter's shutdown (`distributed.joined`)."""
     code = main(argv)
-    if distributed.abandoned():
+    if distributed.joined():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

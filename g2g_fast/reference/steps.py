@@ -169,21 +169,23 @@ class Approach:
                 self.skipped += 1
                 return
         opt.zero_grad(set_to_none=True)
+        if sync is not None:
+            # Buckets of gradients start their all-reduce during backward, as soon as they are
+            # complete. Under fp16 each rank backpropagates loss / W and the ranks' gradients are
+            # summed, not averaged: its fp16 activation gradients then have one process's size
+            # (1/(W*B) per image), where averaging after backward leaves them W x larger,
+            # overflowing (and skipping the step) at 1/W of the scale one process reaches.
+            sync.begin(opt, average=scaler is None)
         if scaler is None:
             loss.backward()
-            if sync is not None:
-                sync(opt)
+        else:
+            scaled = scaler.scale(loss)
+            (scaled if sync is None else scaled / sync.world_size).backward()
+        if sync is not None:
+            sync.finish(opt)  # scaled: every rank's scaler sees the same infs and scales alike
+        if scaler is None:
             opt.step()
         else:
-            if sync is None:
-                scaler.scale(loss).backward()
-            else:
-                # Each rank backpropagates loss / W and the ranks' gradients are summed, not averaged:
-                # its fp16 activation gradients then have one process's size (1/(W*B) per image),
-                # where averaging after backward leaves them W x larger, overflowing (and skipping
-                # the step) at 1/W of the scale one process reaches.
-                (scaler.scale(loss) / sync.world_size).backward()
-                sync(opt, average=False)  # scaled: every rank's scaler sees the same infs and scales alike
             scaler.step(opt)
             scaler.update()
 
