@@ -18,6 +18,22 @@ from _report_common import f, verdict
 PARITY_TOL = {"stage1": 1e-4, "stage2": 1e-3, "g_grad": 0.1, "d_grad": 1e-4}
 STAGE1, STAGE2 = ("m1", "m2", "s1", "s2"), ("r1", "r2")
 PARITY_VALUES = dict(image_size=128, batch_size=8)  # FUNIT widths (config defaults)
+# The row whose iteration is profiled kernel by kernel ("where the time goes", issue 5).
+PROFILED = ("funit2funit", "fast")
+PROFILE_STEPS, PROFILE_TOP = 2, 20
+# Kernel (or, on the CPU, aten op) name fragments -> category, first match wins.
+CATEGORIES = (
+    ("fused norm (g2g Triton)", ("_adain_",)),
+    ("optimiser / EMA (foreach)", ("foreach", "multi_tensor", "lerp")),
+    ("layout conversion", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("convolution / GEMM", ("conv", "xmma", "gemm", "cutlass", "cudnn", "fprop", "dgrad", "wgrad", "sm90_", "sm80_",
+                            "mm", "addmm", "bmm", "implicit")),
+    ("copy", ("copy", "memcpy", "memset", "contiguous", "cat")),
+    ("padding", ("pad",)),
+    ("reduction", ("reduce", "sum", "mean", "norm")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "leaky", "relu", "add", "mul", "div", "where",
+                     "pow", "abs", "tanh", "fill")),
+)
 # Issue 5's training-step targets for fast on FUNIT2FUNIT; "max" marks an upper bound.
 STEP_TARGETS = {"vs_reference_fp32": (3.0, "min"), "vs_best_stock": (1.5, "min"),
                 "peak_memory_ratio": (0.6, "max"), "mfu": (0.35, "min")}
@@ -128,6 +144,43 @@ def _time_steps(ctx, run, reps: int) -> tuple[list[float], dict, bool]:
     return secs, phases, finite
 
 
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_step(ctx, run) -> dict:
+    """Where the time of `PROFILE_STEPS` iterations goes: torch.profiler's self time per CUDA
+    kernel (per aten op on the CPU), the top PROFILE_TOP and per-category shares."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = ctx.dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(PROFILE_STEPS):
+            run.step()
+        S.sync(ctx.dev)
+
+    def self_us(e) -> float:
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = [(e.key, e.count, self_us(e)) for e in prof.key_averages()]
+    if not cuda:  # aten ops only: their self times partition the CPU time (no double counting)
+        events = [ev for ev in events if ev[0].startswith("aten::")]
+    events = [ev for ev in events if ev[2] > 0]
+    total = sum(us for _, _, us in events) or 1.0
+    cats: dict = {}
+    for name, _, us in events:
+        cats[category(name)] = cats.get(category(name), 0.0) + us
+    top = sorted(events, key=lambda ev: -ev[2])[:PROFILE_TOP]
+    return dict(steps=PROFILE_STEPS, unit="CUDA kernel self time" if cuda else "aten op CPU self time",
+                ms_per_step=total / 1e3 / PROFILE_STEPS,
+                by_category={c: us / total for c, us in sorted(cats.items(), key=lambda kv: -kv[1])},
+                top=[dict(name=name[:120], calls=n // PROFILE_STEPS, ms_per_step=us / 1e3 / PROFILE_STEPS,
+                          share=us / total, category=category(name)) for name, n, us in top])
+
+
 def _step_row(ctx, approach: str, provider: str, peak_tflops: float | None) -> dict:
     T.free(ctx.dev)  # nothing of an earlier section or row in this row's peak memory
     values = T.SCALES[ctx.scale][approach]
@@ -152,6 +205,11 @@ def _step_row(ctx, approach: str, provider: str, peak_tflops: float | None) -> d
             row.update(reps=len(secs), s_per_step=s, img_per_s=values["batch_size"] / s, phase_ms=phases,
                        losses_finite=finite, tflops_per_s=run.flops / s / 1e12 if run.flops else None,
                        mfu=T.mfu(run.flops, s, peak_tflops), peak_memory_gib=T.peak_memory_gib(ctx.dev))
+        if (approach, provider) == PROFILED:
+            try:  # its own try: a profiler failure (no CUPTI, say) keeps the row's numbers
+                row["profile"] = profile_step(ctx, run)
+            except Exception as e:
+                row["profile"] = {"error": ctx.error(f"profile {approach} {provider}", e)}
     except Exception as e:
         row["error"] = ctx.error(f"train_step {approach} {provider}", e)
     finally:
@@ -273,6 +331,23 @@ def _describe(d: dict | None) -> str:
         return "-"
     keys = ("generator", "kernels", "optimizer", "precision", "memory_format", "compiled", "tf32")
     return ", ".join(f"{k}={d[k]}" for k in keys if k in d)
+
+
+def _profile_markdown(ts: dict) -> list:
+    row = next((r for r in ts.get("rows", []) if (r["approach"], r["provider"]) == PROFILED), {})
+    p = row.get("profile")
+    if not p:
+        return []
+    L = ["", f"## Where the time goes: {PROFILED[0]} {PROFILED[1]} ({p.get('unit', '')}, "
+             f"{p.get('steps', '-')} iterations under torch.profiler)", ""]
+    if "error" in p:
+        return L + [f"profiler error: {p['error']}"]
+    L += [f"{f(p['ms_per_step'])} ms per iteration of profiled time. By category: "
+          + ", ".join(f"{c} {v:.0%}" for c, v in p["by_category"].items()), "",
+          "| kernel / op | category | calls per iteration | ms per iteration | share |", "|---|---|---|---|---|"]
+    L += [f"| `{t['name']}` | {t['category']} | {t['calls']} | {f(t['ms_per_step'], '.2f')} | {t['share']:.1%} |"
+          for t in p["top"]]
+    return L
 
 
 def _step_markdown(ts: dict) -> list:

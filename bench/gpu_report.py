@@ -38,7 +38,10 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 against the measured bf16 matmul peak, peak memory, mean D / G / EMA times,
                 speedups vs reference-fp32 and vs the best stock (PyTorch-only) provider, and
                 issue 5's targets: fast >= 3x reference-fp32, >= 1.5x the best stock variant,
-                peak memory <= 0.6x reference-fp32, MFU >= 35%.
+                peak memory <= 0.6x reference-fp32, MFU >= 35%. Where the time goes: fast
+                FUNIT2FUNIT's iteration under torch.profiler (2 iterations after the timed
+                ones): the top 20 CUDA kernels by self time and the shares of convolution/GEMM,
+                the fused norms, elementwise, reductions, copies and the optimiser.
   loaders       img/s of each --loader (torch, gpu-cache, dali) at 128^2 from 2048 generated
                 JPEGs, batch 64; the fast FUNIT2FUNIT trainer on a fixed on-device batch vs fed
                 by the loader --loader auto picks; issue 6's targets: loader >= 3x the trainer's
@@ -212,6 +215,7 @@ def markdown(ctx: Ctx) -> str:
     L += M._model_parity_markdown(rep.get("model_parity", {}))
     L += K.markdown(rep, len(ctx.shapes))
     L += M._step_markdown(rep.get("train_step", {}))
+    L += M._profile_markdown(rep.get("train_step", {}))
     L += LD.report_markdown(rep.get("loaders", {}), f)
     L += ["", "## Skipped and errors", ""] + [f"- skipped: {s}" for s in rep["skipped"]]
     L += [f"- error in {e['where']}: {e['error']}" for e in rep["errors"]] or ["- none"]

@@ -64,13 +64,17 @@ def test_gpu_report_smoke(tmp_path):
     assert set(f2f["targets"]) == {"vs_reference_fp32", "vs_best_stock", "peak_memory_ratio", "mfu"}
     assert f2f["stock_complete"] and f2f["subpixel_vs_fast"] > 0 and f2f["compile_vs_fast"] > 0
     assert "compiled" in rows["funit2funit", "fast-compile"]["describe"]
+    prof = rows["funit2funit", "fast"]["profile"]
+    assert "error" not in prof and prof["ms_per_step"] > 0 and len(prof["top"]) >= 5, prof
+    assert abs(sum(prof["by_category"].values()) - 1) < 1e-6 and "convolution / GEMM" in prof["by_category"]
+    assert any(t["name"].startswith("aten::conv") for t in prof["top"])
     # CUDA graphs need a GPU: the row is skipped on the CPU, with a note saying so.
     assert any("fast-cudagraph: skipped, CUDA graphs need a CUDA device" in n for n in rep["meta"]["notes"])
     assert rows["funit2funit", "fast-subpixel"]["describe"]["decoder_upsample"] == "subpixel"
 
     md = js.with_suffix(".md").read_text()
     for heading in ("## Targets: training step", "## Targets: AdaIN", "## Model parity", "## Kernel parity",
-                    "## Training step throughput"):
+                    "## Training step throughput", "## Where the time goes"):
         assert heading in md, heading
     assert proc.stdout.strip().startswith("# g2g-fast GPU report")
 
