@@ -193,12 +193,16 @@ def _step_row(ctx, approach: str, provider: str, peak_tflops: float | None) -> d
             run = T.prepare(approach, provider, ctx.dev, values, compile_backend=ctx.step_compile_backend,
                             adain_impl=ctx.model_impl)
             row["describe"] = run.describe()
+            if run.graph is not None:  # adopt a CUDA graph only if a replay is the eager step
+                row["graph_check"] = T.check_graph(run)
             warm = T.warmup_steps(provider, ctx.dev)
             for _ in range(warm):
                 run.step()
             S.sync(ctx.dev)
             row.update(flops=run.flops, warmup=1 + warm, setup_s=round(time.monotonic() - t, 1))
-            if ctx.dev.type == "cuda":  # the peak of the timed iterations (no empty_cache: keep the pool)
+            # The peak of the timed iterations (no empty_cache: keep the pool). A graph's replays
+            # allocate nothing: its peak is the capture's (its pool holds the step's intermediates).
+            if ctx.dev.type == "cuda" and run.graph is None:
                 torch.cuda.reset_peak_memory_stats(ctx.dev)
             secs, phases, finite = _time_steps(ctx, run, ctx.step_reps)
             s = statistics.median(secs)
@@ -267,6 +271,10 @@ def _step_summary(rows: list) -> list:
             s["compile_vs_fast"] = got["fast-compile"]["img_per_s"] / fast["img_per_s"]
         if fast is not None and "fast-cudagraph" in got:  # and replaying the iteration from a CUDA graph
             s["cudagraph_vs_fast"] = got["fast-cudagraph"]["img_per_s"] / fast["img_per_s"]
+            s["cudagraph_ok"] = got["fast-cudagraph"].get("graph_check", {}).get("ok", False)
+        for name, option in (("subpixel", "fast-subpixel"), ("compile", "fast-compile"), ("cudagraph", "fast-cudagraph")):
+            if option in got:  # an option is adopted only if it is faster and trains correctly
+                s[f"{name}_losses_finite"] = got[option].get("losses_finite", False)
         if fast is not None:
             s.update({k: fast.get(k) for k in STEP_TARGETS})
             if approach == "funit2funit":
@@ -294,18 +302,23 @@ def _step_targets_markdown(ts: dict) -> list:
          f"| {verdict(v.get('peak_memory_ratio'))} |",
          f"| MFU >= 35% | {f(f2f.get('mfu'), '.1%')} | {verdict(v.get('mfu'))} |",
          f"| sub-pixel decoder (fast-subpixel / fast img/s; make it the default if > 1) "
-         f"| {f(f2f.get('subpixel_vs_fast'), '.2f')}x | {_above_one(f2f.get('subpixel_vs_fast'))} |",
+         f"| {f(f2f.get('subpixel_vs_fast'), '.2f')}x | {_adopt(f2f, 'subpixel')} |",
          f"| torch.compile of the fast generator (fast-compile / fast img/s; adopt if > 1) "
-         f"| {f(f2f.get('compile_vs_fast'), '.2f')}x | {_above_one(f2f.get('compile_vs_fast'))} |",
+         f"| {f(f2f.get('compile_vs_fast'), '.2f')}x | {_adopt(f2f, 'compile')} |",
          f"| CUDA graph of the whole fast iteration (fast-cudagraph / fast img/s; add a trainer option if > 1) "
-         f"| {f(f2f.get('cudagraph_vs_fast'), '.2f')}x | {_above_one(f2f.get('cudagraph_vs_fast'))} |",
+         f"| {f(f2f.get('cudagraph_vs_fast'), '.2f')}x | {_adopt(f2f, 'cudagraph')} |",
          ""]
     return L
 
 
-def _above_one(ratio: float | None) -> str:
-    """Verdict on an option's img/s ratio over fast: adopt it only if faster."""
-    return verdict(None if ratio is None else ratio > 1)
+def _adopt(f2f: dict, name: str) -> str:
+    """Verdict on an option (`name`_vs_fast: its img/s over fast's): adopt it only if faster, its
+    losses are finite and (the CUDA graph) a replay equals the eager step."""
+    ratio = f2f.get(f"{name}_vs_fast")
+    if ratio is None:
+        return verdict(None)
+    sound = f2f.get(f"{name}_losses_finite", False) and f2f.get(f"{name}_ok", True)
+    return verdict(ratio > 1 and sound) + ("" if sound else " (losses not finite or replay != eager)")
 
 
 def _model_parity_markdown(mp: dict) -> list:
@@ -362,6 +375,9 @@ def _step_markdown(ts: dict) -> list:
         ph = r.get("phase_ms", {})
         fl = r.get("flops")
         what = _describe(r.get("describe")) + ("" if r.get("losses_finite", True) else " NON-FINITE LOSS")
+        gc = r.get("graph_check")
+        if gc:
+            what += f"; replay vs eager step: losses within {gc['max_rel_loss_diff']:.1e} ({'ok' if gc['ok'] else 'FAIL'})"
         L.append(" | ".join([
             f"| {r['approach']}", r["provider"], str(r["image_size"]), str(r["batch_size"]), f(r.get("img_per_s")),
             f(r.get("s_per_step") and 1e3 * r["s_per_step"]), f(ph.get("D")), f(ph.get("G")),

@@ -35,6 +35,7 @@ measured dense bf16 matmul peak (8192^3 on a GPU, once per process).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import gc
@@ -284,6 +285,27 @@ def capture_train_step(run: Run, warmup: int = 3) -> None:
     run.graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(run.graph):
         run.graph_losses = run.ap.train_step(run.x, run.y)
+
+
+GRAPH_RTOL = 2e-2  # bf16, and cuDNN's weight-gradient algorithms are not bitwise deterministic
+
+
+def check_graph(run: Run) -> dict:
+    """Whether a replay computes what the eager step computes: an eager twin (same provider, no
+    graph) is loaded with the captured run's state (a copy: the graph's tensors stay where they
+    are), then both take one step on the same batch; max relative loss difference vs GRAPH_RTOL.
+    The captured run is one step further afterwards, as after any replay."""
+    p = PROVIDERS[run.provider]
+    twin = build_approach(run.cfg, NUM_CLASSES, run.ap.device, precision=p.precision_on(run.ap.device),
+                          backend=p.backend())
+    if run.adain_impl is not None:
+        twin.gen.impl = run.adain_impl
+    twin.load_state_dict(copy.deepcopy(run.ap.state_dict()))
+    want = {k: v.item() for k, v in twin.train_step(run.x, run.y).items()}
+    got = {k: v.item() for k, v in run.step().items()}
+    del twin
+    err = max(abs(got[k] - want[k]) / max(abs(want[k]), 1e-6) for k in want)
+    return dict(max_rel_loss_diff=err, rtol=GRAPH_RTOL, ok=bool(err <= GRAPH_RTOL), eager=want, replay=got)
 
 
 _PEAK: dict = {}

@@ -115,17 +115,13 @@ def init_from_env(device: torch.device, timeout_s: float = 600.0) -> DistContext
     return _CTX
 
 
-def teardown(clean: bool = True, together: bool = False) -> None:
+def teardown(clean: bool = True) -> None:
     """Leave the process group (safe to call when none was started). After a failure
     (`clean=False`) the group is only dropped: destroying it could wait on the dead rank, and
-    the process is about to exit anyway. `together` (after a completed run, which every rank
-    completes): a barrier first, so no rank destroys its group while another still uses it."""
+    the process is about to exit anyway. No barrier: after training rank 0 alone still writes
+    (checkpoint, final evaluation) and runs no collective, while a barrier there would be bounded
+    by --dist-timeout (under NCCL its watchdog would abort the waiting ranks)."""
     global _CTX
-    if together and clean and dist.is_available() and dist.is_initialized():
-        try:  # after a run every rank finished: rank 0 may still be writing its last checkpoint
-            dist.barrier()
-        except Exception:
-            clean = False  # a rank is gone: destroying could wait on it
     if clean and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CTX = DistContext(device=_CTX.device, timeout_s=_CTX.timeout_s)

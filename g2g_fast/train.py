@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -252,7 +253,9 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     # always before a checkpoint is written, so a bad state is never saved.
     check_every = opts.nan_check_every or (1 if approach.backend.name == "reference" else opts.log_every)
     all_finite, window_start = None, approach.step + 1
-    with open(out / "metrics.jsonl" if main_rank else os.devnull, "a") as metrics:
+    # TensorBoard is closed on every exit (its events are flushed only every 2 minutes otherwise).
+    with open(out / "metrics.jsonl" if main_rank else os.devnull, "a") as metrics, \
+            contextlib.closing(tb) if tb is not None else contextlib.nullcontext():
         while approach.step < opts.steps:
             with timer("data"):
                 x, y = next(stream)
@@ -304,8 +307,6 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                     for k, v in record["eval"].items():
                         if isinstance(v, float):
                             tb.add_scalar(f"eval/{k}", v, step)
-    if tb is not None:
-        tb.close()
     log.info("done: %d steps; samples in %s, checkpoint %s", opts.steps, out / "samples",
              out / "checkpoints" / "last.pt")
 
@@ -336,9 +337,11 @@ def main(argv=None) -> int:
         print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
         return 130
     finally:
-        if ok:  # the loader's workers / DALI pipeline now, not at garbage collection (ablate runs
-            ready[3].close()  # several trainings in one process); after a failure the process exits
-        distributed.teardown(clean=ok, together=ok)
+        try:
+            if ok:  # the loader's workers / DALI pipeline now, not at garbage collection (ablate runs
+                ready[3].close()  # several trainings in one process); after a failure the process exits
+        finally:
+            distributed.teardown(clean=ok)
     return 0
 
 
@@ -346,7 +349,13 @@ def cli(argv=None):
     """The process entry point: `main`'s exit code. A rank of a torchrun job leaves with os._exit
     (every file is written and closed by then), before the process group's backend threads can
     abort the interpreter's shutdown (`distributed.joined`)."""
-    code = main(argv)
+    try:
+        code = main(argv)
+    except BaseException:  # an unexpected error (CUDA out of memory, say): its traceback, then exit 1
+        if not distributed.joined():
+            raise
+        traceback.print_exc()
+        code = 1
     if distributed.joined():
         sys.stdout.flush()
         sys.stderr.flush()

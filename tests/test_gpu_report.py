@@ -86,3 +86,30 @@ def test_gpu_report_smoke(tmp_path):
     assert cache["labels_equal"] and cache["max_level_diff"] == 0  # bit for bit
     assert set(ld["verdicts"]) == {"loader_vs_trainer", "fed_vs_synthetic"}
     assert "## Loaders" in js.with_suffix(".md").read_text()
+
+
+def test_graph_check_compares_a_step_with_an_eager_twin():
+    """`_train.check_graph` (run on a GPU for the fast-cudagraph row) on the CPU, with an eager run
+    in place of the captured one: the twin gets the run's state, so both steps agree exactly; a
+    perturbed run (its D weights moved) is caught."""
+    sys.path[:0] = [str(ROOT / "bench")]
+    try:
+        import _train as T
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torch
+    run = T.prepare("funit2funit", "fast", "cpu", T.SMOKE_VALUES["funit2funit"], count=False, adain_impl="ref")
+    check = T.check_graph(run)
+    assert check["ok"] and check["max_rel_loss_diff"] == 0, check
+    assert run.ap.step == 1  # the run took its step; the twin took its own
+    real_step = run.step
+
+    def perturbed_step(timer=None):
+        with torch.no_grad():
+            for p in run.ap.dis.parameters():
+                p.mul_(1.5)
+        return real_step(timer)
+
+    run.step = perturbed_step
+    check = T.check_graph(run)
+    assert not check["ok"] and check["max_rel_loss_diff"] > T.GRAPH_RTOL, check

@@ -106,8 +106,11 @@ def test_checkpoint_needs_no_pretrained_files(id_file, vgg_file, tmp_path):
     with torch.no_grad():
         want, out = ap.gen_ema.eval()(x[:2], x[2:]), infer.gen_ema.eval()(x[:2], x[2:])
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+    before = copy.deepcopy(infer.dis.state_dict())
     with pytest.raises(RuntimeError, match="init='inference'"):
         infer.train_step(x, y)
+    assert all(torch.equal(v, infer.dis.state_dict()[k]) for k, v in before.items())  # no D update either
+    assert torch.equal(infer.id_net.mean_rgb, ap.id_net.mean_rgb)
 
 
 def test_resume_does_not_reread_the_initial_funit_file(tmp_path):

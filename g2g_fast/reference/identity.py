@@ -91,10 +91,15 @@ class IdentityEncoder(Frozen):
 
     @classmethod
     def architecture(cls) -> IdentityEncoder:
-        """The network of `from_file` with random weights, for a checkpoint that holds its weights
-        (CycleFUNIT's identity class encoder is part of G) to be loaded into."""
-        enc = cls()
+        """The network of `from_file` with uninitialised weights, for a checkpoint that holds them
+        (CycleFUNIT's identity class encoder is part of G) to be loaded into next; built on the
+        meta device, as `from_file` does, instead of randomly initialising 25M weights."""
+        with torch.device("meta"):
+            enc = cls()
         enc.classifier = nn.Identity()
+        enc = enc.to_empty(device="cpu")
+        # Not in any state dict, so not filled by the load: set again (to_empty left it garbage).
+        enc.mean_rgb = torch.tensor(MEAN_RGB, device="cpu").view(1, 3, 1, 1)
         return enc
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,9 @@ class Approach:
     def _update(self, loss: torch.Tensor, opt, scaler) -> None:
         """Backward and optimiser step (loss-scaled under fp16); skipped for a non-finite loss
         when skip_nonfinite is set."""
+        if self.init == "inference":  # before the first update of a step (D's), so nothing changes
+            raise RuntimeError("this approach was built with init='inference' (no loss networks were "
+                               "loaded); build it with init='resume' to train from a checkpoint")
         sync = self.grad_sync
         if self.skip_nonfinite:
             finite = torch.isfinite(loss)
@@ -199,9 +202,6 @@ class Approach:
         return {**{k: v.detach().float() for k, v in terms.items()}, "d_total": loss.detach().float()}
 
     def g_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.init == "inference":
-            raise RuntimeError("this approach was built with init='inference' (no loss networks were "
-                               "loaded); build it with init='resume' to train from a checkpoint")
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
         # D's weight gradients in the G step would be discarded by the next D step: not
         # computing them is exact and saves that work (SPEC §7).
