@@ -293,5 +293,9 @@ class Discriminator(nn.Module):
             raise ValueError(f"Discriminator: {x.shape[0]} images but {y.shape[0]} labels")
         feat = F.leaky_relu(self.cnn_f(x), 0.2)
         out = self.cnn_c[0].conv(feat)  # cnn_c's own LeakyReLU is the one applied to feat
-        resp = out[torch.arange(out.shape[0], device=out.device), y]
+        # Each sample's own class map. A gather rather than out[arange(B), y]: the same values and
+        # gradients, but its backward is a scatter, where advanced indexing's is index_put_ with
+        # accumulate, which syncs with the host on CUDA and so cannot be captured in a CUDA graph.
+        B, _, H, W = out.shape
+        resp = out.gather(1, y.view(B, 1, 1, 1).expand(B, 1, H, W)).squeeze(1)
         return resp, feat
