@@ -165,9 +165,13 @@ def profile_step(ctx, run) -> dict:
             return e.self_cpu_time_total
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
-    events = [(e.key, e.count, self_us(e)) for e in prof.key_averages()]
-    if not cuda:  # aten ops only: their self times partition the CPU time (no double counting)
-        events = [ev for ev in events if ev[0].startswith("aten::")]
+    from torch.autograd import DeviceType
+    averages = prof.key_averages()
+    if cuda:  # kernels only: a CPU op's self device time repeats the time of the kernels it launched
+        averages = [e for e in averages if e.device_type == DeviceType.CUDA]
+    else:  # aten ops only: their self times partition the CPU time
+        averages = [e for e in averages if e.key.startswith("aten::")]
+    events = [(e.key, e.count, self_us(e)) for e in averages]
     events = [ev for ev in events if ev[2] > 0]
     total = sum(us for _, _, us in events) or 1.0
     cats: dict = {}
