@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import cpu_threads
 from . import evaluate as E
 from . import probes as P
 from .checkpoint import CheckpointError, load_checkpoint
@@ -44,7 +45,8 @@ ABLATED = {"rl_w": "long reconstruction L1", "fml_w": "long feature matching",
 VARIANTS = {"all_on": [], "no_long_rec": ["rl_w"], "no_long_fm": ["fml_w"],
             "no_mix_rec_fm": ["fml_mix_rec_w"], "all_off": list(ABLATED)}
 # Set by ablate itself (the same for every variant); not accepted after `--`.
-RESERVED = ("--approach", "--out", "--steps", "--seed", "--data", "--device", "--resume", "--dry-run")
+RESERVED = ("--approach", "--out", "--steps", "--seed", "--data", "--device", "--resume", "--overwrite",
+            "--dry-run")
 # Trainer settings that define the data; a checkpoint trained with others is not this ablation's.
 DATA_KEYS = ("data", "data_format", "synthetic_classes", "synthetic_per_class", "resize_to")
 LOSS_KEYS = ("g_total", "g_adv", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total")
@@ -84,6 +86,9 @@ def variant_argv(args, variant: str, passthrough: list[str]) -> list[str]:
 def check_passthrough(passthrough: list[str]) -> None:
     for arg in passthrough:
         flag = arg.split("=", 1)[0]
+        if flag == "--overwrite":
+            raise UsageError("--overwrite after `--`: ablate resumes a variant that has a checkpoint and replaces "
+                             "one that has none; to start over, use another --out or delete it")
         if flag in RESERVED:
             raise UsageError(f"{flag} after `--`: ablate sets it for every variant; give it before `--` "
                              f"(ablate has --out, --steps, --seed, --data, --device) or drop it")
@@ -205,7 +210,7 @@ def train_variants(plans: dict, log) -> dict | int:
     status = {}
     for i, (v, plan) in enumerate(plans.items()):
         run_file = Path(plan.opts.out) / "ablation_run.json"
-        prev = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        prev = json.loads(run_file.read_text()) if run_file.is_file() and plan.done else {}  # none: from scratch
         where = f"variant {v} ({i + 1}/{len(plans)})"
         if plan.done == plan.opts.steps:
             log(f"{where}: done at step {plan.done}, evaluating only")
@@ -214,7 +219,8 @@ def train_variants(plans: dict, log) -> dict | int:
         log(f"{where}: training {plan.opts.steps} steps" + (f", resuming at step {plan.done}" if plan.done else "")
             + (f" with {', '.join(f'{k}=0' for k in VARIANTS[v])}" if VARIANTS[v] else ""))
         t0 = time.time()
-        code = train_main(plan.argv + (["--resume"] if plan.done else []))
+        # No checkpoint yet: what an earlier attempt left there (config, metrics) is replaced.
+        code = train_main(plan.argv + (["--resume"] if plan.done else ["--overwrite"]))
         if code in (2, 130):  # bad input (the same for every variant) or Ctrl-C: stop here
             return code
         train_s = time.time() - t0 + (prev.get("train_s") or 0.0)
@@ -272,6 +278,7 @@ def main(argv=None) -> int:
     args, passthrough = build_parser().parse_args(argv[:cut]), argv[cut + 1:]
     log = lambda msg: print(f"[g2g] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.time()
+    threads = cpu_threads.setup(log)  # once for every variant's training and evaluation in this process
     try:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
@@ -285,6 +292,7 @@ def main(argv=None) -> int:
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    log(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trained = [v for v, plan in plans.items() if plan.done < plan.opts.steps]

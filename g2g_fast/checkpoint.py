@@ -13,10 +13,13 @@ itself a valid FUNIT generator file.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import torch
+
+from .torch_files import UnreadableFile, safe_torch_load
 
 FORMAT = "g2g-fast/1"
 
@@ -63,15 +66,46 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a torn/foreign file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({msg[:200]})") from None
+        ckpt = safe_torch_load(path)
+    except UnreadableFile as e:
+        snapshot = newest_snapshot(path.parent, exclude=path)
+        hint = f"; the newest snapshot there is {snapshot.name}: --resume {snapshot}" if snapshot else ""
+        raise CheckpointError(f"{e}{hint}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = " (an official FUNIT generator file? pass it with --init-funit)" \
             if isinstance(ckpt, dict) and "gen" in ckpt else ""
         raise CheckpointError(f"{path}: not a g2g-fast training checkpoint{hint}")
     return ckpt
+
+
+def newest_snapshot(folder: Path, exclude: Path | None = None) -> Path | None:
+    """The `step_XXXXXXX.pt` of the highest step in `folder` (other than `exclude`), or None."""
+    snaps = sorted(p for p in Path(folder).glob("step_*.pt") if exclude is None or p.name != Path(exclude).name)
+    return snaps[-1] if snaps else None
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files (`.NAME.PID.tmp`) that `save_checkpoint` left in `folder` when its
+    process was killed during a save, unless that process is still alive -> the removed paths."""
+    removed = []
+    for tmp in sorted(Path(folder).glob(".*.tmp")):
+        m = re.fullmatch(r"\..+\.(\d+)\.tmp", tmp.name)
+        if m and not _pid_alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # ours is not saving now; no signal 0 off POSIX
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
 
 
 def rng_state(device: torch.device) -> dict:

@@ -6,6 +6,9 @@ rejected. `config_from_dict` is the single way to build one from user input.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,13 +17,15 @@ from typing import Any, ClassVar
 class BaseConfig:
     approach: ClassVar[str] = ""
     image_size: int = 128        # training crop, pixels (FUNIT animal faces: resize 140, crop 128)
-    batch_size: int = 4          # images per step, even: B/2 (halves) or B-1 (chain) pairs
+    batch_size: int = 4          # images per step, even: B/2 (halves) or B-1 (chain) pairs; each step is
+                                 # one D and one G update on the same B images
     pairing: str = "halves"      # "halves": (x[j], x[j+B/2]) as the original code; "chain": (x[i], x[i+1]) as the paper
     seed: int = 0                # seeds weights, data order and augmentation
     ema_beta: float = 0.999      # p_ema = beta*p_ema + (1-beta)*p after every G step; 0 disables EMA
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
+        check_fields(self)
         if self.pairing not in ("halves", "chain"):
             raise ValueError(f"pairing must be 'halves' or 'chain', got {self.pairing!r}")
         if self.batch_size < 2 or self.batch_size % 2:
@@ -41,7 +46,8 @@ class FunitArchConfig(BaseConfig):
     n_downs_content: int = 3     # content code at H/8 x W/8 (CycleFUNIT may use 4 or 5)
     n_downs_class: int = 4       # stride-2 convs in the class encoder
     init_funit: str | None = None  # official FUNIT generator file for the initial G (D stays fresh)
-    init_funit_key: str = "gen_test"  # which generator of that file: "gen_test" (EMA) or "gen"
+    init_funit_key: str = "auto"  # which generator of that file: "auto" (as the original: G <- "gen", the EMA
+                                  # <- "gen_test"; a file with one of them: that one for both), "gen", "gen_test"
 
     def arch_kwargs(self) -> dict[str, int]:
         names = ("nf", "n_res_blks", "nf_mlp", "latent_dim", "n_mlp_blks", "n_downs_content", "n_downs_class")
@@ -49,6 +55,11 @@ class FunitArchConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.init_funit_key not in ("auto", "gen", "gen_test"):
+            raise ValueError(f"init_funit_key must be 'auto', 'gen' or 'gen_test', got {self.init_funit_key!r}")
+        if self.n_downs_class < 2:
+            raise ValueError(f"n_downs_class must be >= 2 (the class encoder's first two downsamplings are "
+                             f"fixed), got {self.n_downs_class}")
         if self.image_size % 2 ** max(self.n_downs_content, self.n_downs_class):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**n_downs "
                              f"({2 ** max(self.n_downs_content, self.n_downs_class)})")
@@ -57,7 +68,8 @@ class FunitArchConfig(BaseConfig):
 @dataclass
 class Funit2FunitConfig(FunitArchConfig):
     approach: ClassVar[str] = "funit2funit"
-    batch_size: int = 4          # the paper's FUNIT2FUNIT experiments used 4
+    batch_size: int = 8          # the original's "batch_size: 4" draws two loaders of 4: 4 pairs, 8 images
+                                 # (R1 is per half: 4 images here would make it 4x stronger)
     dis_nf: int = 64             # FUNIT discriminator base width
     dis_n_res_blks: int = 10     # ActFirstResBlocks in the discriminator (even)
     gan_w: float = 1.0           # hinge adversarial weight (G: mean over m1, m2, s1, s2; D: real and fake)
@@ -78,7 +90,7 @@ class Funit2FunitConfig(FunitArchConfig):
 @dataclass
 class CycleFunitConfig(FunitArchConfig):
     approach: ClassVar[str] = "cyclefunit"
-    batch_size: int = 4          # the paper's CycleFUNIT experiments used 4
+    batch_size: int = 4          # the original CycleFUNIT splits one batch of 4 into 2 pairs: 4 images
     patch_nf: int = 64           # PatchGAN base width (CycleGAN)
     alpha_long: float = 1.0      # perceptual loss of the two-stage reconstructions r_i vs x_i
     alpha_short: float = 1.0     # perceptual loss of the short reconstructions s_i vs x_i
@@ -120,6 +132,89 @@ class NaiveConfig(BaseConfig):
         super().validate()
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 for the naive approach, got {self.image_size}")
+
+
+# --- Typed values -----------------------------------------------------------------------------
+# Every value of a config or of the trainer's options is checked against its field's type and
+# range whatever its source (preset, --config file, flag, --set, a checkpoint), so that a typo
+# fails when the settings are resolved (--dry-run included), not at the first training step.
+
+_AT_LEAST_1 = ("image_size", "batch_size", "nf", "nf_mlp", "latent_dim", "dis_nf", "patch_nf", "code_dim",
+               "gen_channels")
+_NON_NEGATIVE = ("seed", "n_res_blks", "n_downs_content", "identity_warmup_steps", "weight_decay",
+                 # loss weights: 0 switches a term off, a negative weight would reward the error
+                 "gan_w", "r_w", "fm_rec_w", "fm_w", "rl_w", "fml_w", "fml_mix_rec_w", "r1_w", "alpha_long",
+                 "alpha_short", "gamma_content", "gamma_class", "delta_gan", "delta_identity", "gamma")
+_POSITIVE = ("lr", "lr_gen", "lr_dis", "rms_eps")
+_UNIT = ("rms_alpha", "beta1", "beta2")  # [0, 1): decay rates
+RANGES: dict[str, str] = {**dict.fromkeys(_AT_LEAST_1, ">= 1"), **dict.fromkeys(_NON_NEGATIVE, ">= 0"),
+                          **dict.fromkeys(_POSITIVE, "> 0"), **dict.fromkeys(_UNIT, "in [0, 1)"),
+                          "n_mlp_blks": ">= 2", "dis_n_res_blks": ">= 2 and even"}
+_RANGE_OK = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2,
+             "> 0": lambda v: v > 0, "in [0, 1)": lambda v: 0 <= v < 1,
+             ">= 2 and even": lambda v: v >= 2 and v % 2 == 0}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null", "")
+
+
+def field_type(cls, name: str) -> tuple[type, bool]:
+    """-> (int | float | bool | str, whether None is allowed) of dataclass field `name`."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else ()
+    if args:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
+
+
+def parse_field(cls, name: str, text: str) -> Any:
+    """The value of `name` written as text (`--set name=text`), parsed as its field's type."""
+    typ, optional = field_type(cls, name)
+    low = text.strip().lower()
+    if optional and low in _NONE:
+        return None
+    if typ is bool:
+        if low in _TRUE + _FALSE:
+            return low in _TRUE
+        raise ValueError(f"{name} must be {_TYPE_WORDS[bool]}, got {text!r}")
+    if typ is str:
+        return text
+    try:
+        return typ(text.strip()) if typ is float else int(text.strip())
+    except ValueError:
+        try:  # '1e3' or '8.0' for an integer: the number, which check_value then judges
+            return float(text.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be {_TYPE_WORDS[typ]}, got {text!r}") from None
+
+
+def check_value(cls, name: str, value: Any) -> Any:
+    """`value` of field `name` normalised to its type (an integral float becomes an int, an int a
+    float); raises ValueError naming the field when the type or range is wrong."""
+    typ, optional = field_type(cls, name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be {_TYPE_WORDS.get(typ, typ.__name__)}, got None")
+    ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+    if typ is int and isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        value, ok = int(value), True
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{name} must be {_TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
+    if typ is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    rule = RANGES.get(name)
+    if rule is not None and not _RANGE_OK[rule](value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return value
+
+
+def check_fields(obj) -> None:
+    """Check (and normalise in place) every field of a config or options dataclass."""
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, check_value(type(obj), f.name, getattr(obj, f.name)))
 
 
 CONFIGS: dict[str, type[BaseConfig]] = {c.approach: c for c in (Funit2FunitConfig, CycleFunitConfig, NaiveConfig)}

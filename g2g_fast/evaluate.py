@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_threads
 from . import probes as P
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, build_dataset
-from .options import OneLineErrorParser
+from .options import OneLineErrorParser, pick_device
 from .reference.g2g import g2g_forward
 
 CONTENT_FACTORS = ["cx", "cy", "scale", "background", "light"]   # rotation: see factor_targets
@@ -428,13 +429,11 @@ def _check_args(a):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(f"[g2g] {msg}", file=sys.stderr)  # noqa: E731
+    threads = cpu_threads.setup(log)
     try:
         _check_args(args)
         from .translate import load_generator
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else ("cpu" if args.device == "auto" else args.device))
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available")
+        device = pick_device(args.device)
         trainer, data_seed = {}, 0
         if args.checkpoint:
             ckpt = load_checkpoint(args.checkpoint)
@@ -453,6 +452,7 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    log(threads)
     cache = None if args.no_probe_cache else (args.probe_cache or P.default_cache_dir())
     t0 = time.time()
     probes = build_probes(train, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)

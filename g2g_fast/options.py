@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .config import CONFIGS, config_from_dict
+from .config import CONFIGS, check_fields, check_value, config_from_dict, parse_field
 
 
 class UsageError(ValueError):
@@ -83,6 +83,17 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def pick_device(name: str):
+    """--device auto|cpu|cuda -> torch.device; cuda without a CUDA GPU is a usage error."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = OneLineErrorParser(
@@ -95,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", help=f"'synthetic' or a dataset folder (default: {d.data})")
     a("--data-format", choices=["auto", "folder", "celeba"], help=f"dataset layout (default: {d.data_format})")
     a("--image-size", type=int, help="training crop in pixels (default: 128 on GPU, 64 on the CPU preset)")
-    a("--batch-size", type=int, help="images per step, even (default: the approach's, 8 on the CPU preset)")
+    a("--batch-size", type=int, help="images per step (per rank under torchrun), even: they form B/2 pairs "
+      "(x[j], x[j+B/2]) (default: the approach's: funit2funit 8 = the original's 4 pairs, cyclefunit 4, "
+      "naive 32; 8 on the CPU preset)")
     a("--steps", type=int, help="total iterations (default: 100000 on GPU, 300 on the CPU preset)")
     a("--out", help=f"output folder (default: {d.out})")
     a("--device", choices=["auto", "cpu", "cuda"], help=f"device (default: {d.device})")
@@ -105,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"reference (plain PyTorch) or fast (fused kernels, channels_last, fused optimisers) (default: {d.backend}: fast on CUDA)")
     a("--resume", nargs="?", const="", metavar="CKPT",
       help="resume from CKPT (default when given without a path: OUT/checkpoints/last.pt)")
+    a("--overwrite", action="store_true",
+      help="train into an --out that holds a run, after removing that run's files (config.json, metrics.jsonl, "
+           "checkpoints/, samples/, tensorboard/; nothing else); without it (or --resume) such an --out is refused")
     a("--init-funit", metavar="PATH", help="official FUNIT generator file for the initial G (funit2funit/cyclefunit; default: none)")
     a("--config", metavar="FILE", help="YAML or JSON file of config values (default: none)")
     a("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -135,19 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"under torchrun: how long a rank waits for the others (a dead or stuck rank then ends the job "
            f"with an error); must cover rank 0's checkpoints, samples and evaluations (default: {d.dist_timeout:g})")
     return p
-
-
-def parse_value(text: str) -> Any:
-    """'0.1' -> 0.1, 'true' -> True, 'none'/'null' -> None, otherwise the string itself."""
-    low = text.strip().lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -191,21 +194,39 @@ def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
         p = PRESETS[preset]
         cfg_values = {**p["common"], **p[approach]}
         trainer = dict(p["trainer"])
-    # Config file and --set may hold approach keys and trainer keys alike.
-    overrides = read_config_file(args.config) if args.config else {}
-    file_approach = overrides.pop("approach", None)
-    if file_approach and file_approach != approach:
-        raise UsageError(f"--config {args.config}: approach {file_approach!r} conflicts with {approach!r}")
-    for flag, target in FLAG_TARGETS.items():
+    # Config file, flags and --set may hold approach keys and trainer keys alike. Each value is
+    # parsed and checked against its field's type and range here, and an error names its source.
+    cfg_fields = {f.name for f in dataclasses.fields(CONFIGS[approach])}
+
+    def owner(key):  # the dataclass that has field `key`, or None
+        return TrainOptions if key in trainer_fields else CONFIGS[approach] if key in cfg_fields else None
+
+    overrides: dict[str, tuple[Any, str]] = {}  # key -> (value, where it came from)
+    if args.config:
+        values = read_config_file(args.config)
+        file_approach = values.pop("approach", None)
+        if file_approach and file_approach != approach:
+            raise UsageError(f"--config {args.config}: approach {file_approach!r} conflicts with {approach!r}")
+        overrides.update({k: (v, f"--config {args.config}") for k, v in values.items()})
+    for flag in FLAG_TARGETS:
         value = getattr(args, flag)
         if value is not None:
-            overrides[flag] = value
+            overrides[flag] = (value, "--" + flag.replace("_", "-"))
     for item in args.set:
         if "=" not in item:
             raise UsageError(f"--set {item}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_value(value)
-    for key, value in overrides.items():
+        key, text = (part.strip() for part in item.split("=", 1))
+        overrides[key] = (text, f"--set {item}")
+    for key, (value, source) in overrides.items():
+        if owner(key) is None:
+            raise UsageError(f"{source}: unknown key {key!r}; {approach} config keys: {', '.join(sorted(cfg_fields))}; "
+                             f"trainer options: {', '.join(sorted(trainer_fields))}")
+        try:
+            if source.startswith("--set "):  # text, parsed as the field's type
+                value = parse_field(owner(key), key, value)
+            value = check_value(owner(key), key, value)
+        except ValueError as e:
+            raise UsageError(f"{source}: {e}") from None
         (trainer if key in trainer_fields else cfg_values)[key] = value
     try:
         cfg = config_from_dict(approach, cfg_values)
@@ -217,6 +238,10 @@ def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
 
 
 def check_options(o: TrainOptions) -> None:
+    try:
+        check_fields(o)  # types (and normalisation) first; the ranges of trainer options follow
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     choices = {"data_format": ("auto", "folder", "celeba"), "device": ("auto", "cpu", "cuda"),
                "precision": ("auto", "fp32", "bf16", "fp16"), "backend": ("auto", "reference", "fast"),
                "nan_policy": ("stop", "skip"), "loader": ("auto", "torch", "dali", "gpu-cache")}

@@ -3,7 +3,8 @@
 The loop: for each step, one batch -> D step -> G step -> EMA (`Approach.train_step`). Host
 synchronisation happens once per step for the non-finite check and otherwise at log time.
 Outputs in --out: config.json, metrics.jsonl, samples/step_XXXXXXX.png, checkpoints/last.pt
-(+ step_XXXXXXX.pt snapshots), TensorBoard scalars/images when tensorboard is installed.
+(+ step_XXXXXXX.pt snapshots), TensorBoard scalars/images when tensorboard is installed. One run
+per --out: a folder that holds one needs --resume or --overwrite (`run_folder.py`).
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import cpu_threads, distributed, run_folder
 from .backends import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import config_to_dict
 from .data import DataError, build_dataset, build_stream
+from .data.select import check_request as check_loader_request
 from .distributed import DistributedError
 from .evaluate import TrainingEvaluator
 from .options import TrainOptions, UsageError, build_parser, read_config_file, resolve
@@ -37,6 +39,25 @@ log = logging.getLogger("g2g_fast")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says at which step and what was saved."""
+
+
+@contextlib.contextmanager
+def interrupt_message(message):
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message()) from None
+
+
+def saved_note(out: Path, saved: int | None, start: int) -> str:
+    """Which checkpoint of this run is on disk, for the messages of a run that stops early."""
+    if saved is not None:
+        return f"the last checkpoint is {out / 'checkpoints' / 'last.pt'} (step {saved})"
+    return f"no checkpoint was written since resuming at step {start}" if start else "no checkpoint was written yet"
 
 
 class PhaseTimer:
@@ -80,11 +101,20 @@ class Progress:
         eta = (self.total - step) * (time.time() - self.t0) / max(done, 1)
         shown = " ".join(f"{k} {v:.4g}" for k, v in losses.items() if k.endswith("total"))
         line = (f"step {step}/{self.total} [{100 * step / self.total:3.0f}%] {shown} | "
-                f"{img_s:.1f} img/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        if self.tty and not final:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
+                f"{img_s:.1f} img/s | ETA {format_eta(eta)}")
+        if self.tty:  # rewrite the line in place, clearing what a longer previous line left
+            print("\r" + line + "\x1b[K", end="" if not final else "\n", file=sys.stderr, flush=True)
         else:
-            print(("\r" if self.tty else "") + line, file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+
+
+def format_eta(seconds: float) -> str:
+    """HH:MM:SS, with whole days in front past 24 hours (`15d 09:34:46`)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--:--:--"
+    days, rest = divmod(int(round(seconds)), 86400)
+    hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {hms}" if days else hms
 
 
 def sample_pairs(dataset, n_pairs: int):
@@ -170,15 +200,33 @@ def pick_device(opts: TrainOptions) -> torch.device:
 def setup(argv):
     """Parse and check everything that can be wrong with the user's input, before training."""
     args = build_parser().parse_args(argv)
+    if args.overwrite and args.resume is not None:
+        raise UsageError("--overwrite and --resume: --resume continues the run in --out, --overwrite "
+                         "replaces it; pass one of them")
     ckpt, ckpt_path = None, None
     if args.resume is not None:
         ckpt_path = Path(args.resume or Path(args.out or TrainOptions.out) / "checkpoints" / "last.pt")
         ckpt = load_checkpoint(ckpt_path)
     cfg, opts, preset = resolve(args, ckpt, torch.cuda.is_available())
-    if args.dry_run:
+    out = Path(opts.out)
+    if args.dry_run:  # writes nothing, so a run in --out is only pointed out
+        if why := run_folder.refusal(out, ckpt_path, args.overwrite):
+            log.warning("note: training would stop here: %s", why)
         print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
         return None
+    check_loader_request(opts.loader, synthetic=opts.data == "synthetic")
     device = pick_device(opts)
+    if opts.precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 on the CPU: fp16 autocast is emulated there and runs many times "
+                         "slower than fp32; use --precision fp32 or bf16 (fp16 is for CUDA GPUs)")
+    torch.manual_seed(cfg.seed)
+    dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
+                            resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
+                            synthetic_per_class=opts.synthetic_per_class)
+    # A run in --out is continued (--resume) or replaced (--overwrite), never mixed into. Every rank
+    # checks before joining the process group, which waits for all ranks: rank 0 writes only after
+    # that, so all ranks see the folder as the user left it.
+    run_folder.check(out, ckpt_path, args.overwrite)
     # Under torchrun: join the process group (gloo on CPU, NCCL with cuda:LOCAL_RANK); else a no-op.
     ctx = distributed.init_from_env(device, opts.dist_timeout)
     device = ctx.device
@@ -191,10 +239,6 @@ def setup(argv):
     if opts.workers < 0:
         opts.workers = 0 if device.type == "cpu" else \
             max(1, min(8, torch.multiprocessing.cpu_count() // ctx.local_world_size))
-    torch.manual_seed(cfg.seed)
-    dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
-                            resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
-                            synthetic_per_class=opts.synthetic_per_class)
     approach = build_approach(cfg, dataset.num_classes, device, precision=opts.precision,
                               skip_nonfinite=opts.nan_policy == "skip", backend=make_backend(opts),
                               init="files" if ckpt is None else "resume")
@@ -223,6 +267,8 @@ def setup(argv):
                  cfg.batch_size)
     stream = build_stream(opts.loader, dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
                           device=device, workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size)
+    if ctx.is_main:  # every check passed: --overwrite's removal, metrics back to the resumed step
+        run_folder.prepare(out, approach.step, args.overwrite)
     return approach, opts, dataset, stream
 
 
@@ -245,8 +291,10 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     tb = open_tensorboard(out) if main_rank else None
     # --eval-every: the held-out set and the probes are built once, before the clock starts
     evaluator = TrainingEvaluator(approach, opts, log=log.info) if opts.eval_every and main_rank else None
+    if main_rank and approach.device.type == "cpu":
+        log.info(cpu_threads.setup())  # what main() chose, now that the input is checked
     timer, progress = PhaseTimer(approach.device), Progress(opts.steps, approach.step)
-    last_good = approach.step
+    start, saved = approach.step, None  # saved: the step of this run's last checkpoint
     t_log, images = time.time(), 0
     # The non-finite check is a host sync: the reference checks every step (the exact step is
     # named); the fast backend accumulates a device-side flag and checks it every N steps and
@@ -255,8 +303,10 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
     all_finite, window_start = None, approach.step + 1
     # TensorBoard is closed on every exit (its events are flushed only every 2 minutes otherwise).
     with open(out / "metrics.jsonl" if main_rank else os.devnull, "a") as metrics, \
-            contextlib.closing(tb) if tb is not None else contextlib.nullcontext():
+            contextlib.closing(tb) if tb is not None else contextlib.nullcontext(), \
+            interrupt_message(lambda: f"interrupted at step {approach.step}; {saved_note(out, saved, start)}"):
         while approach.step < opts.steps:
+            cpu_threads.tick()  # follows other processes' load (at most one /proc/stat read per 2 s)
             with timer("data"):
                 x, y = next(stream)
                 x, y = x.to(approach.device, non_blocking=True), y.to(approach.device, non_blocking=True)
@@ -272,9 +322,8 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                         where = f"step {step}" if window_start == step else f"steps {window_start}-{step}"
                         bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
                         bad = bad or "an earlier step of the window" + (" or another rank" if ctx.enabled else "")
-                        raise NonFiniteLoss(
-                            f"non-finite loss at {where}: {bad}; training stopped, the last good checkpoint "
-                            f"is {out / 'checkpoints' / 'last.pt'} (step {last_good})")
+                        raise NonFiniteLoss(f"non-finite loss at {where}: {bad}; training stopped, "
+                                            f"{saved_note(out, saved, start)}")
                     all_finite, window_start = None, step + 1
             if step % opts.log_every == 0 or final:
                 now = time.time()
@@ -284,6 +333,8 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                           **{f"sec_{k}": v for k, v in timer.collect().items()}, **run_info}
                 if approach.skipped:
                     record["skipped_updates"] = approach.skipped
+                if approach.device.type == "cpu" and cpu_threads.threads():
+                    record["cpu_threads"] = cpu_threads.threads()
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if tb is not None:
@@ -297,7 +348,7 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                 write_samples(approach, pairs, out / "samples" / f"step_{step:07d}.png", tb, step)
             if step % opts.ckpt_every == 0 or final:
                 save(approach, opts, stream, out, snapshot=True)
-                last_good = step
+                saved = step
             if evaluator is not None and (step % opts.eval_every == 0 or final):
                 record = evaluator.record(approach)  # {"step", "eval": {...}, "sec_eval"}
                 metrics.write(json.dumps(record) + "\n")
@@ -313,6 +364,8 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[g2g] %(message)s", stream=sys.stderr)
+    # Before torch's first parallel region; the choice is logged once the input is checked.
+    cpu_threads.setup(log.info)
     try:
         ready = setup(argv)
     except (UsageError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
@@ -320,6 +373,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         distributed.teardown()
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started", file=sys.stderr)
+        distributed.teardown(clean=False)
+        return 130
     except DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.teardown(clean=False)
@@ -333,8 +390,8 @@ def main(argv=None) -> int:
     except (NonFiniteLoss, DistributedError, DataError) as e:  # DataError: a loader failing mid-run
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint is kept", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Interrupted: says at which step and what was saved
+        print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     finally:
         try:

@@ -13,9 +13,10 @@ import sys
 
 import torch
 
+from . import cpu_threads
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import config_from_dict
-from .options import OneLineErrorParser
+from .options import OneLineErrorParser, pick_device
 from .reference.funit import Generator, load_official_generator
 from .reference.g2g import g2g_forward
 from .reference.steps import build_approach
@@ -42,7 +43,7 @@ def load_generator(args) -> tuple[torch.nn.Module, int]:
     """-> (generator in eval mode, its image size)."""
     if args.funit:
         gen = Generator()
-        load_official_generator(gen, args.funit, "gen" if args.raw else "gen_test")
+        load_official_generator(gen, args.funit, "gen" if args.raw else "gen_test", flag="--funit")
         return gen.eval(), args.image_size or 128
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_from_dict(ckpt["config"]["approach"], ckpt["config"])
@@ -61,9 +62,9 @@ def translate(gen, content: torch.Tensor, klass: torch.Tensor):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    threads = cpu_threads.setup()
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else ("cpu" if args.device == "auto" else args.device))
+        device = pick_device(args.device)
         gen, size = load_generator(args)
         gen.to(device)
         a = load_image(args.content, size).to(device)
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if device.type == "cpu":
+        print(f"[g2g] {threads}", file=sys.stderr)
     o = translate(gen, a, b)
     save_png(g2g_grid(o.x1, o.x2, o.m1, o.m2, o.r1, o.r2), args.out)
     print(f"wrote {args.out}", file=sys.stderr)

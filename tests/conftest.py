@@ -14,7 +14,18 @@ if not _has_cuda:
 
 import torch  # noqa: E402
 
+from g2g_fast import cpu_threads  # noqa: E402
 from fakes import big_zeros, random_state, resnet50_ft_shapes, vgg16_state  # noqa: E402
+
+
+# CPU threads follow the machine's load (g2g_fast/cpu_threads.py): on a shared machine two spinning
+# OpenMP threads beside another busy process made the suite ~10x slower. The count is re-decided
+# between tests only, so within a test it is fixed and the test's numbers are deterministic.
+_threads_line = cpu_threads.setup()
+
+
+def pytest_report_header(config):
+    return [_threads_line]
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +34,9 @@ def _deterministic():
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    yield
+    cpu_threads.tick()
+    with cpu_threads.held():
+        yield
 
 
 requires_cuda = pytest.mark.skipif(not _has_cuda, reason="needs a CUDA GPU (none available)")

@@ -94,7 +94,7 @@ def test_checkpoint_needs_no_pretrained_files(id_file, vgg_file, tmp_path):
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
     # With FUNIT's own class encoder, the identity loss's net is not in the checkpoint: its file is read.
     loss_only = {**TINY["cyclefunit"], **files, "class_encoder": "funit"}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="identity_weights .*: no such file"):
         build_approach(config_from_dict("cyclefunit", loss_only), 3, init="resume")
     assert build_approach(config_from_dict("cyclefunit", loss_only), 3, init="inference").id_net is None
 
@@ -124,7 +124,7 @@ def test_resume_does_not_reread_the_initial_funit_file(tmp_path):
     expected = ap.train_step(x, y)
     path.unlink()
     cfg = config_from_dict("funit2funit", {**TINY["funit2funit"], "init_funit": str(path)})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="--init-funit .*: no such file"):
         build_approach(cfg, 3)
     resumed = build_approach(cfg, 3, init="resume")
     resumed.load_state_dict(state)
@@ -211,14 +211,37 @@ def test_lord_generator_reaches_dark_pixels():
     assert out.min() >= -1 and out.max() < -0.99
 
 
-def test_init_from_official_funit_file(tmp_path):
+def test_init_from_official_funit_file(tmp_path, caplog):
+    """As the original FUNIT2FUNIT code: G continues from the file's "gen", the EMA from its
+    "gen_test" (init_funit_key "auto"); a file with one generator, or an explicit key, gives both."""
     ap = make("funit2funit")
-    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ap.gen.state_dict().items()}
-    path = tmp_path / "gen.pt"
-    torch.save({"gen": sd, "gen_test": sd}, path)
-    ap2 = make("funit2funit", init_funit=str(path))
-    for k, v in sd.items():
-        assert torch.equal(ap2.gen.state_dict()[k], v) and torch.equal(ap2.gen_ema.state_dict()[k], v)
+    rand = lambda: {k: torch.randn_like(v) if v.is_floating_point() else v  # noqa: E731
+                    for k, v in ap.gen.state_dict().items()}
+    gen, gen_test = rand(), rand()
+    both, only_test = tmp_path / "both.pt", tmp_path / "only_test.pt"
+    torch.save({"gen": gen, "gen_test": gen_test}, both)
+    torch.save({"gen_test": gen_test}, only_test)
+
+    def loaded(path, **kw):
+        with caplog.at_level("INFO", logger="g2g_fast"):
+            caplog.clear()
+            a = make("funit2funit", init_funit=str(path), **kw)
+        return a.gen.state_dict(), a.gen_ema.state_dict(), caplog.text
+
+    def same(got, want):
+        return all(torch.equal(got[k], v) for k, v in want.items())
+
+    g, e, text = loaded(both)
+    assert same(g, gen) and same(e, gen_test)
+    assert "[gen], its EMA from [gen_test]" in text
+    g, e, text = loaded(only_test)
+    assert same(g, gen_test) and same(e, gen_test)
+    assert "[gen_test] (its EMA starts as a copy)" in text
+    for key, want in (("gen", gen), ("gen_test", gen_test)):
+        g, e, _ = loaded(both, init_funit_key=key)
+        assert same(g, want) and same(e, want)
+    with pytest.raises(ValueError, match="has no 'gen' generator"):
+        make("funit2funit", init_funit=str(only_test), init_funit_key="gen")
 
 
 @pytest.mark.parametrize("approach", ["funit2funit", "naive"])

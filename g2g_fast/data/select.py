@@ -22,18 +22,25 @@ log = logging.getLogger("g2g_fast")
 LOADERS = ("auto", "torch", "dali", "gpu-cache")
 
 
-def choose_loader(requested: str, dataset, device: torch.device) -> tuple[str, str]:
-    """(loader name, why) for `--loader requested`; raises DataError for an impossible request."""
-    device = torch.device(device)
-    files = hasattr(dataset, "paths")
+def check_request(requested: str, synthetic: bool) -> None:
+    """The DataError of an impossible `--loader` request; the trainer calls it before any other
+    work, so the error is the first thing the user sees."""
     if requested not in LOADERS:
         raise DataError(f"--loader {requested!r} is unknown; use one of {', '.join(LOADERS)}")
     if requested == "dali":
         if not dali_available():
             raise DataError(f"--loader dali: NVIDIA DALI is not installed; {INSTALL}")
-        if not files:
+        if synthetic:
             raise DataError("--loader dali reads image files, and the synthetic data has none; use "
                             "--loader gpu-cache (renders it on the device) or torch")
+
+
+def choose_loader(requested: str, dataset, device: torch.device) -> tuple[str, str]:
+    """(loader name, why) for `--loader requested`; raises DataError for an impossible request."""
+    device = torch.device(device)
+    files = hasattr(dataset, "paths")
+    check_request(requested, synthetic=not files)
+    if requested == "dali":
         return "dali", "requested" + ("" if device.type == "cuda" else " (DALI's CPU-only mode)")
     if requested != "auto":
         return requested, "requested"

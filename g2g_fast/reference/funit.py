@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import adain_ref
+from ..torch_files import safe_torch_load
 from .weights import load_checked
 
 
@@ -228,17 +229,30 @@ class Generator(nn.Module):
         return self.decode(self.encode_content(x_content), self.encode_class(x_class))
 
 
-def load_official_generator(gen: Generator, path: str | os.PathLike, which: str = "gen_test") -> None:
-    """Load an official FUNIT generator file ({'gen': sd, 'gen_test': sd}) into `gen`.
+def read_official_file(path: str | os.PathLike, flag: str | None = None) -> dict:
+    """An official FUNIT generator file ({'gen': sd, 'gen_test': sd}; either may be absent) as a
+    dict; a g2g-fast checkpoint has the same two keys. Never runs pickled code. Errors name `flag`
+    (the option that named the file) and the file."""
+    ckpt = safe_torch_load(path, what="FUNIT generator file", flag=flag)
+    label = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
+    if not isinstance(ckpt, dict) or not any(isinstance(ckpt.get(k), dict) for k in ("gen", "gen_test")):
+        found = ", ".join(map(str, list(ckpt)[:5])) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{label}: not a FUNIT generator file (expected the keys 'gen' and/or 'gen_test', "
+                         f"found {found or 'nothing'})")
+    return ckpt
 
-    `which="gen_test"` takes the EMA weights FUNIT uses for inference. Never runs pickled code.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(which), dict):
-        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a FUNIT generator file: expected a dict with key {which!r}, "
-                         f"found {keys}")
-    load_checked(gen, ckpt[which], f"{os.fspath(path)} [{which}]", "FUNIT generator")
+
+def load_official_generator(gen: Generator, path: str | os.PathLike, which: str = "gen_test",
+                            flag: str | None = None, ckpt: dict | None = None) -> None:
+    """Load generator `which` of an official FUNIT generator file into `gen`.
+
+    `which="gen_test"` takes the EMA weights FUNIT uses for inference; "gen" the trained ones.
+    `ckpt`: the file's content when already read (`read_official_file`)."""
+    label = f"{flag} {os.fspath(path)}" if flag else os.fspath(path)
+    ckpt = read_official_file(path, flag) if ckpt is None else ckpt
+    if not isinstance(ckpt.get(which), dict):
+        raise ValueError(f"{label}: has no {which!r} generator (it has {', '.join(map(str, ckpt))})")
+    load_checked(gen, ckpt[which], f"{label} [{which}]", "FUNIT generator")
 
 
 class ActFirstResBlock(nn.Module):

@@ -85,7 +85,8 @@ class IdentityEncoder(Frozen):
         # would cost more than reading the file.
         with torch.device("meta"):
             enc = cls()
-        load_checked(enc, read_state_dict(path), path, "resnet50_ft (VGGFace2 ResNet-50)", assign=True)
+        label = f"identity_weights {os.fspath(path)}"
+        load_checked(enc, read_state_dict(path, "resnet50_ft weight file", flag="identity_weights"), label, "resnet50_ft (VGGFace2 ResNet-50)", assign=True)
         enc.classifier = nn.Identity()
         return enc
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import BaseConfig, CycleFunitConfig, Funit2FunitConfig, NaiveConfig
-from .funit import Discriminator, Generator, load_official_generator
+from .funit import Discriminator, Generator, load_official_generator, read_official_file
 from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs
 from .identity import IdentityEncoder
 from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hinge_g, lsgan, r1_penalty
@@ -84,17 +84,30 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) ->
 INIT_MODES = ("files", "resume", "inference")
 
 
-def init_generator(gen: Generator, cfg, init: str = "files") -> Generator:
-    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given, for a new run."""
+def init_generator(gen: Generator, cfg, init: str = "files") -> dict | None:
+    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given, for a new run.
+
+    -> the EMA generator's initial state when the file gives one, else None (the EMA copies G).
+    As the original FUNIT2FUNIT code, training continues from the file's "gen" and its EMA from
+    "gen_test" when it has both (init_funit_key "auto"); "gen" or "gen_test" loads that one into both.
+    """
     if init != "files":
-        return gen  # the checkpoint's G replaces any initial weights
-    if cfg.init_funit:
-        load_official_generator(gen, cfg.init_funit, cfg.init_funit_key)
-        log.info("G initialised from %s [%s]; the discriminator is fresh (no FUNIT discriminator "
-                 "weights were released)", cfg.init_funit, cfg.init_funit_key)
-    else:
+        return None  # the checkpoint's G replaces any initial weights
+    if not cfg.init_funit:
         log.info("G and D initialised fresh")
-    return gen
+        return None
+    ckpt = read_official_file(cfg.init_funit, "--init-funit")
+    both = all(isinstance(ckpt.get(k), dict) for k in ("gen", "gen_test"))
+    key = cfg.init_funit_key
+    if key == "auto":
+        key = "gen" if both else next(k for k in ("gen", "gen_test") if isinstance(ckpt.get(k), dict))
+    load_official_generator(gen, cfg.init_funit, key, flag="--init-funit", ckpt=ckpt)
+    ema = ckpt["gen_test"] if both and cfg.init_funit_key == "auto" and cfg.ema_beta > 0 else None
+    log.info("G initialised from %s [%s]%s; the discriminator is fresh (no FUNIT discriminator weights "
+             "were released)", cfg.init_funit, key,
+             ", its EMA from [gen_test]" if ema is not None else
+             " (its EMA starts as a copy)" if cfg.ema_beta > 0 else "")
+    return ema
 
 
 class Approach:
@@ -125,6 +138,7 @@ class Approach:
         self.grad_sync = None
         self.step = 0
         self.backend = backend or ReferenceBackend()
+        self.ema_init = None  # the EMA's initial state when --init-funit gives one (init_generator)
         self.gen, self.dis = self.build_networks()
         self.gen.to(self.device, memory_format=self.backend.memory_format)
         if self.dis is not None:
@@ -133,6 +147,9 @@ class Approach:
         self.gen_ema = None
         if cfg.ema_beta > 0:
             self.gen_ema = copy.deepcopy(self.gen).requires_grad_(False)
+            if self.ema_init is not None:
+                load_checked(self.gen_ema, self.ema_init, f"--init-funit {cfg.init_funit} [gen_test]", "FUNIT generator")
+        self.ema_init = None
         self.opt_g, self.opt_d = self.build_optimizers()
         # fp16 needs loss scaling (bf16 has fp32's range and does not).
         fp16 = precision == "fp16"
@@ -264,7 +281,8 @@ class Funit2Funit(Approach):
 
     def build_networks(self):
         cfg = self.cfg
-        gen = init_generator(self.backend.generator(**cfg.arch_kwargs()), cfg, self.init)
+        gen = self.backend.generator(**cfg.arch_kwargs())
+        self.ema_init = init_generator(gen, cfg, self.init)
         return gen, Discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
 
     def build_optimizers(self):
@@ -336,13 +354,12 @@ class CycleFunit(Approach):
         if class_encoder is not None and cfg.init_funit:
             raise ValueError("init_funit cannot be combined with class_encoder='identity' "
                              "(the MLP input differs from FUNIT's)")
-        gen = init_generator(self.backend.generator(**cfg.arch_kwargs(), class_encoder=class_encoder), cfg,
-                             self.init)
-        if self.init == "inference":
-            pass  # the perceptual loss is never computed
-        elif cfg.vgg_weights:
+        # Every file is read before anything is logged: a bad one is then the only message.
+        if self.init != "inference" and cfg.vgg_weights:  # (inference: no perceptual loss computed)
             self.vgg = VGGPerceptual.from_file(cfg.vgg_weights).to(self.device)
-        else:
+        gen = self.backend.generator(**cfg.arch_kwargs(), class_encoder=class_encoder)
+        self.ema_init = init_generator(gen, cfg, self.init)
+        if self.init != "inference" and not cfg.vgg_weights:
             log.warning("no vgg_weights given: the perceptual loss falls back to pixel L1")
         return gen, PatchDiscriminator(cfg.patch_nf)
 

@@ -48,10 +48,11 @@ class VGGPerceptual(Frozen):
         """Load the relu2_2 part of a torchvision `vgg16` state dict (the rest is ignored)."""
         with torch.device("meta"):  # no random init: every weight comes from the file
             vgg = cls()
-        full = read_state_dict(path)
+        label = f"vgg_weights {os.fspath(path)}"
+        full = read_state_dict(path, "torchvision vgg16 weight file", flag="vgg_weights")
         # Keep only the keys this truncated network has; any of them absent is reported as missing.
         wanted = {k: full[k] for k in vgg.state_dict() if k in full}
-        load_checked(vgg, wanted, path, "torchvision vgg16", assign=True)
+        load_checked(vgg, wanted, label, "torchvision vgg16", assign=True)
         return vgg
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

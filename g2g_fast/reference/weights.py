@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
 
+from ..torch_files import safe_torch_load
 
-def read_state_dict(path: str | os.PathLike) -> dict:
-    """Read a state dict saved with `torch.save`, either bare or wrapped under "state_dict"."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+
+def read_state_dict(path: str | os.PathLike, what: str = "state dict file", flag: str | None = None) -> dict:
+    """Read a state dict saved with `torch.save`, either bare or wrapped under "state_dict".
+    Any failure is one ValueError naming `flag` (the option that named the file) and the file."""
+    state = safe_torch_load(path, what=what, flag=flag)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{os.fspath(path)}: expected a state dict, got {type(state).__name__}")
+        raise ValueError(f"{flag + ' ' if flag else ''}{os.fspath(path)}: expected a state dict, "
+                         f"got {type(state).__name__}")
     return state
 
 

@@ -1,0 +1,162 @@
+"""Every bad input a new user can give the CLIs is one `error:` line on stderr, exit code 2, no
+traceback, and nothing written or overwritten (issue 13). One row per case, each run as a user
+runs it: a fresh `python -m g2g_fast.<cli>` process."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_cli import tiny_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class NotAWeight:  # a class a weight file must not make us import
+    pass
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_input")
+    (d / "notes.txt").write_text("my notes, not weights\n")
+    torch.save({"gen": {"w": torch.zeros(4000)}, "gen_test": {"w": torch.zeros(4000)}}, d / "whole.pt")
+    (d / "truncated.pt").write_bytes((d / "whole.pt").read_bytes()[:3000])
+    torch.save({"gen": NotAWeight()}, d / "objects.pt")
+    (d / "plain.pkl").write_bytes(pickle.dumps({"gen": {"w": [1.0, 2.0]}}))
+    (d / "empty_data").mkdir()
+    one = d / "one_class" / "cat"
+    one.mkdir(parents=True)
+    from PIL import Image
+    for i in range(3):
+        Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(one / f"{i}.png")
+    (d / "bad.json").write_text('{"lr_gen": "abc"}')
+    # a finished run (naive, 2 steps) for the cases that need a checkpoint or an existing --out
+    run = d / "run"
+    proc = subprocess.run([sys.executable, "-m", "g2g_fast.train", *tiny_args("naive", run, 2)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (d / "torn.pt").write_bytes((run / "checkpoints" / "last.pt").read_bytes()[:2000])
+    return d
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with its content hash (to show nothing was written over)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TRAIN = ("g2g_fast.train", "--device", "cpu", "--steps", "2", "--image-size", "32", "--batch-size", "4")
+NEW = "{d}/new_out"  # an output path that must still not exist afterwards (made unique per case)
+# (id, command, expected fragment of the one error line); {d}: the files fixture's folder
+CASES = [
+    # pretrained files passed by flag
+    ("init-funit text file", (*TRAIN, "--init-funit", "{d}/notes.txt", "--out", NEW),
+     "error: --init-funit {d}/notes.txt: not a readable FUNIT generator file (a text file starting"),
+    ("init-funit truncated", (*TRAIN, "--init-funit", "{d}/truncated.pt", "--out", NEW),
+     "error: --init-funit {d}/truncated.pt: not a readable FUNIT generator file (truncated"),
+    ("init-funit pickled objects", (*TRAIN, "--init-funit", "{d}/objects.pt", "--out", NEW),
+     "error: --init-funit {d}/objects.pt: refused: the FUNIT generator file holds pickled Python objects"),
+    ("init-funit plain pickle", (*TRAIN, "--init-funit", "{d}/plain.pkl", "--out", NEW),
+     "a plain Python pickle"),
+    ("init-funit missing", (*TRAIN, "--init-funit", "{d}/nosuch.pt", "--out", NEW),
+     "error: --init-funit {d}/nosuch.pt: no such file"),
+    ("init-funit wrong layout", (*TRAIN, "--init-funit", "{d}/whole.pt", "--out", NEW),
+     "error: --init-funit {d}/whole.pt [gen] is not a FUNIT generator state dict"),
+    ("vgg_weights text file", (*TRAIN, "--approach", "cyclefunit", "--set", "vgg_weights={d}/notes.txt", "--out", NEW),
+     "error: vgg_weights {d}/notes.txt: not a readable torchvision vgg16 weight file"),
+    ("translate --funit text file", ("g2g_fast.translate", "--funit", "{d}/notes.txt", "--content", "a.png",
+                                     "--class", "b.png", "--out", "{d}/new_out.png"),
+     "error: --funit {d}/notes.txt: not a readable FUNIT generator file"),
+    ("evaluate --funit text file", ("g2g_fast.evaluate", "--funit", "{d}/notes.txt", "--json", "{d}/new_out.json"),
+     "error: --funit {d}/notes.txt: not a readable FUNIT generator file"),
+    ("translate --device cuda", ("g2g_fast.translate", "--checkpoint", "{d}/run/checkpoints/last.pt", "--content",
+                                 "a.png", "--class", "b.png", "--device", "cuda", "--out", "{d}/new_out.png"),
+     "error: --device cuda: no CUDA GPU is available"),
+    ("evaluate --device cuda", ("g2g_fast.evaluate", "--checkpoint", "{d}/run/checkpoints/last.pt",
+                                "--device", "cuda"), "error: --device cuda: no CUDA GPU is available"),
+    ("train --device cuda", ("g2g_fast.train", "--device", "cuda", "--out", NEW),
+     "error: --device cuda: no CUDA GPU is available"),
+    # typed settings: parsed and checked when resolved, --dry-run included
+    ("--set lr_gen=abc", (*TRAIN, "--set", "lr_gen=abc", "--out", NEW),
+     "error: --set lr_gen=abc: lr_gen must be a number, got 'abc'"),
+    ("--set rl_w=abc --dry-run", (*TRAIN, "--set", "rl_w=abc", "--dry-run", "--out", NEW),
+     "error: --set rl_w=abc: rl_w must be a number, got 'abc'"),
+    ("--set nf=1.5", (*TRAIN, "--set", "nf=1.5", "--out", NEW), "error: --set nf=1.5: nf must be an integer, got 1.5"),
+    ("--set r1_w=-1", (*TRAIN, "--set", "r1_w=-1", "--out", NEW), "error: --set r1_w=-1: r1_w must be >= 0"),
+    ("--set steps=many", (*TRAIN, "--set", "steps=many", "--out", NEW), "steps must be an integer"),
+    ("--set unknown key", (*TRAIN, "--set", "no_such_key=1", "--out", NEW), "error: --set no_such_key=1: unknown key"),
+    ("--set without =", (*TRAIN, "--set", "lr_gen", "--out", NEW), "error: --set lr_gen: expected KEY=VALUE"),
+    ("--config bad value", (*TRAIN, "--config", "{d}/bad.json", "--out", NEW),
+     "error: --config {d}/bad.json: lr_gen must be a number, got 'abc'"),
+    ("--config missing", (*TRAIN, "--config", "{d}/nosuch.json", "--out", NEW), "error: --config {d}/nosuch.json: no such file"),
+    # data and shapes (these worked before; kept from regressing)
+    ("data folder missing", (*TRAIN, "--data", "{d}/nosuch_data", "--out", NEW), "{d}/nosuch_data"),
+    ("data folder empty", (*TRAIN, "--data", "{d}/empty_data", "--out", NEW), "{d}/empty_data"),
+    ("one class", (*TRAIN, "--data", "{d}/one_class", "--out", NEW), "class"),
+    ("odd batch", ("g2g_fast.train", "--device", "cpu", "--batch-size", "3", "--out", NEW), "batch_size must be even"),
+    ("zero batch", ("g2g_fast.train", "--device", "cpu", "--batch-size", "0", "--out", NEW), "batch_size must be"),
+    ("zero steps", ("g2g_fast.train", "--device", "cpu", "--steps", "0", "--out", NEW), "steps must be"),
+    ("image size", ("g2g_fast.train", "--device", "cpu", "--image-size", "100", "--out", NEW), "image_size"),
+    ("unknown flag", ("g2g_fast.train", "--stepz", "3"), "error: unrecognized arguments: --stepz 3"),
+    ("fp16 on the CPU", (*TRAIN, "--precision", "fp16", "--out", NEW), "error: --precision fp16 on the CPU"),
+    # runs and checkpoints
+    ("second run into an existing --out", (*TRAIN, "--out", "{d}/run"),
+     "error: --out {d}/run already holds a run"),
+    ("--overwrite with --resume", (*TRAIN, "--out", "{d}/run", "--resume", "--overwrite"),
+     "error: --overwrite and --resume"),
+    ("resume a torn checkpoint", (*TRAIN, "--resume", "{d}/torn.pt", "--out", NEW),
+     "error: {d}/torn.pt: not a readable checkpoint (truncated"),
+    ("resume nothing", (*TRAIN, "--resume", "--out", NEW), "no such checkpoint file"),
+    ("resume with another approach", (*TRAIN, "--resume", "--out", "{d}/run", "--approach", "funit2funit"),
+     "error: --resume: the checkpoint was trained with --approach naive"),
+    ("translate a checkpoint that is a text file", ("g2g_fast.translate", "--checkpoint", "{d}/notes.txt", "--content",
+                                                   "a.png", "--class", "b.png", "--out", "{d}/new_out.png"),
+     "error: {d}/notes.txt: not a readable checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(files):
+    """Every case run once, two processes at a time (each is mostly interpreter start-up), with
+    the files before and after all of them."""
+    d = str(files)
+    before = snapshot(files)
+
+    def run(i, command):
+        argv = [a.format(d=d).replace("new_out", f"new_out_{i}") for a in command]
+        return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        procs = list(pool.map(lambda ic: run(*ic), enumerate(c[1] for c in CASES)))
+    return {case[0]: proc for case, proc in zip(CASES, procs)}, before, snapshot(files)
+
+
+@pytest.mark.parametrize("case, command, expected", CASES, ids=[c[0] for c in CASES])
+def test_one_error_line(files, results, case, command, expected):
+    if "--device cuda" in case and torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device cuda is not an error")
+    proc, d = results[0][case], str(files)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert expected.format(d=d).replace("new_out", f"new_out_{CASES.index((case, command, expected))}") in lines[0], \
+        lines[0]
+    assert "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
+
+
+def test_nothing_was_written(results):
+    """No case wrote a file or changed one: the finished run in the second-run and resume cases
+    is intact, and no output path of any case exists."""
+    _, before, after = results
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
