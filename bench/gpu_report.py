@@ -89,6 +89,7 @@ import _report_model as M  # noqa: E402
 import _shapes as S  # noqa: E402
 import _train as T  # noqa: E402
 from _report_common import f  # noqa: E402
+from g2g_fast import cpu_threads  # noqa: E402
 
 
 class Ctx:
@@ -242,6 +243,8 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_report: no CUDA GPU; the full report needs one (use --smoke to test the script)", file=sys.stderr)
         return 2
+    if args.smoke:  # on a shared CPU: torch threads follow other processes' load (g2g_fast/cpu_threads.py)
+        print(f"gpu_report: {cpu_threads.setup()}", file=sys.stderr)
     wanted = set(args.sections.split(","))
     unknown = wanted - {n for n, _, _ in SECTIONS}
     if unknown:

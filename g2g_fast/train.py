@@ -29,7 +29,7 @@ from .data import DataError, build_dataset, build_stream
 from .data.select import check_request as check_loader_request
 from .distributed import DistributedError
 from .evaluate import TrainingEvaluator
-from .options import TrainOptions, UsageError, build_parser, read_config_file, resolve
+from .options import TrainOptions, UsageError, build_parser, pick_device, read_config_file, resolve
 from .reference.g2g import g2g_forward
 from .reference.steps import build_approach
 from .samples import g2g_grid, save_png
@@ -147,12 +147,13 @@ def write_samples(approach, pairs, path: Path, tb=None, step=0):
         tb.add_image("samples", grid.permute(2, 0, 1), step)
 
 
-def open_tensorboard(out: Path):
+def open_tensorboard(out: Path, start_step: int = 0):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    # On resume, events logged after the checkpoint's step are purged (training repeats them).
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
 
 def save(approach, opts: TrainOptions, stream, out: Path, snapshot: bool):
@@ -189,14 +190,6 @@ def make_backend(opts: TrainOptions):
     return BACKENDS[opts.backend]()
 
 
-def pick_device(opts: TrainOptions) -> torch.device:
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
-    if opts.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(opts.device)
-
-
 def setup(argv):
     """Parse and check everything that can be wrong with the user's input, before training."""
     args = build_parser().parse_args(argv)
@@ -215,7 +208,7 @@ def setup(argv):
         print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
         return None
     check_loader_request(opts.loader, synthetic=opts.data == "synthetic")
-    device = pick_device(opts)
+    device = pick_device(opts.device)
     if opts.precision == "fp16" and device.type == "cpu":
         raise UsageError("--precision fp16 on the CPU: fp16 autocast is emulated there and runs many times "
                          "slower than fp32; use --precision fp32 or bf16 (fp16 is for CUDA GPUs)")
@@ -288,7 +281,7 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
             {"config": config_to_dict(cfg), "trainer": vars(opts), "num_classes": dataset.num_classes,
              "run": run_info}, indent=2))
     pairs = sample_pairs(dataset, n_pairs=min(8, max(2, dataset.num_classes)))
-    tb = open_tensorboard(out) if main_rank else None
+    tb = open_tensorboard(out, approach.step) if main_rank else None
     # --eval-every: the held-out set and the probes are built once, before the clock starts
     evaluator = TrainingEvaluator(approach, opts, log=log.info) if opts.eval_every and main_rank else None
     if main_rank and approach.device.type == "cpu":

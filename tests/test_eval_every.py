@@ -51,7 +51,7 @@ def test_eval_records_and_unchanged_training(approach, tmp_path, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(train_mod, "open_tensorboard", lambda out: FakeWriter())
+    monkeypatch.setattr(train_mod, "open_tensorboard", lambda out, start_step=0: FakeWriter())
     plain_losses, plain_evals, plain = run(approach, tmp_path / "plain")
     losses, evals, ckpt = run(approach, tmp_path / "eval", "--eval-every", "2")
     assert plain_evals == [] and len(losses) == 4

@@ -227,7 +227,7 @@ def test_tensorboard_gets_scalars_and_samples(tmp_path, monkeypatch):
             calls.append(("close",))
 
     import g2g_fast.train as train_mod
-    monkeypatch.setattr(train_mod, "open_tensorboard", lambda out: FakeWriter())
+    monkeypatch.setattr(train_mod, "open_tensorboard", lambda out, start_step=0: FakeWriter())
     assert main(tiny_args("naive", tmp_path, 2, "--set", "synthetic_per_class=4", "--set", "synthetic_classes=3")) == 0
     tags = {c[1] for c in calls if c[0] == "scalar"}
     assert {"g_total", "g_long", "img_per_s"} <= tags
