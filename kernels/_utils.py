@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+from typing import Optional
 
 import torch
 
@@ -24,6 +26,46 @@ def triton_available() -> tuple[bool, str]:
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (tests without a GPU)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """"3.6.0" / "2.4.0rc1" -> (3, 6) / (2, 4)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def check_interpreter_loops() -> None:
+    """Refuse, with the fix, the one known broken combination for kernels with runtime loops.
+
+    Triton < 3.7's interpreter turns a loop bound into a Python int with `int(array)` on a
+    1-element array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted
+    to Python scalars"); 3.7 squeezes first. Compiled (GPU) kernels are unaffected.
+    """
+    if not interpreting():
+        return
+    import numpy
+    import triton
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"the Triton interpreter of triton {triton.__version__} cannot run looped kernels with "
+            f"numpy {numpy.__version__}: install numpy<2.4 or triton>=3.7 (or run on a GPU)")
+
+
+INT32_MAX = 2**31 - 1
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """Largest element offset from t's first element: sum over dims of (size - 1) * |stride|."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when some kernel offset may not fit int32, so the kernels' INT64 variant must run.
+
+    Offsets are computed in int32 by default (cheaper address math on the GPU); an offset
+    past 2^31 - 1 would wrap to a wrong address. Works on meta tensors (no data is touched).
+    """
+    return any(t is not None and max_offset(t) >= INT32_MAX for t in tensors)
 
 
 def next_power_of_2(n: int) -> int:

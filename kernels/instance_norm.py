@@ -17,6 +17,11 @@ above that size ("looped") or when B*C programs are too few to fill the GPU ("sp
 into chunks whose partial statistics are merged exactly (Chan et al.'s parallel variance).
 Per-(b, c) reductions are done by one program each, in a fixed order: no atomics, deterministic.
 
+Offsets: element offsets are int32 products (cheaper address math) unless some argument can reach
+an offset >= 2^31 - 1 (`_utils.needs_int64`: sum of (size - 1) * |stride|); then the launchers set
+the INT64 constexpr and every kernel casts its program-id-derived indices (batch, channel block,
+split start, pixels) to int64, so each offset product is 64-bit. Same bits either way.
+
 Layers: `_adain_*_kernel` (Triton) -> `adain_fwd` / `adain_bwd` launchers -> `torch.library`
 custom ops `g2g_kernels::adain_fwd` / `adain_bwd` (traceable by torch.compile) with autograd
 registered on the forward -> `adain_triton` functional. The backward op has no autograd of its
@@ -30,13 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import bchw_view, interpreting, next_power_of_2
+from ._utils import bchw_view, check_interpreter_loops, interpreting, needs_int64, next_power_of_2
 
 ACTS = {"none": 0, "relu": 1, "lrelu": 2}
 MAX_TILE = 16384       # elements of one tile held in registers (16 warps: 32 fp32 per thread)
 MAX_SPLITS = 64        # H*W chunks per (b, c) in the split path
 # Tests set this to (block_p, splits) to force the looped/split paths on small shapes.
 FORCE_PLAN: Optional[tuple[Optional[int], Optional[int]]] = None
+# Tests set this to True / False to force the INT64 constexpr (default: chosen by size).
+FORCE_INT64: Optional[bool] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,18 +70,35 @@ def _act_bwd(z, g, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _coords(n_cblk, C, BLOCK_C: tl.constexpr):
+def _coords(n_cblk, C, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """This program's batch index and channel block (grid axis 0 = batch x channel blocks)."""
     pid = tl.program_id(0)
+    if INT64:
+        # b and offs_c inherit int64, so b * sxb and offs_c * sxc are 64-bit products.
+        pid = pid.to(tl.int64)
     offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
     return pid // n_cblk, offs_c, offs_c < C
 
 
 @triton.jit
-def _split_range(chunk, P):
+def _split_range(chunk, P, INT64: tl.constexpr):
     """This program's pixel range [start, end) (grid axis 1 = H*W splits)."""
-    start = tl.program_id(1) * chunk
+    start = tl.program_id(1)
+    if INT64:
+        # The loop variable takes the bounds' type: int64 pixel indices in the loops below.
+        start = start.to(tl.int64)
+    start = start * chunk
     return start, tl.minimum(start + chunk, P)
+
+
+@triton.jit
+def _pixels(p0, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    """Pixel indices p0 .. p0 + BLOCK_P - 1 of one tile, int64 when offsets may pass 2^31."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    if INT64:
+        # A no-op on the GPU when p0 is already int64; in the interpreter p0 is a Python int.
+        offs_p = offs_p.to(tl.int64)
+    return offs_p
 
 
 @triton.jit
@@ -96,10 +120,10 @@ def _adain_fwd_fused_kernel(
     sxb, sxc, sxp, syb, syc, syp, srb, src, srp, swb, swc, sbb, sbc,
     eps, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
-    offs_p = tl.arange(0, BLOCK_P)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    offs_p = _pixels(0, BLOCK_P, INT64)
     mask = mask_c[:, None] & (offs_p[None, :] < P)
     # One read of the whole tile; two-pass mean/variance in registers (no E[x^2] - E[x]^2).
     x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
@@ -120,17 +144,17 @@ def _adain_stats_kernel(
     X, PMEAN, PM2,
     C, P, n_cblk, chunk, n_split,
     sxb, sxc, sxp,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
     """Partial (mean, M2) of each (b, c) over this split's pixel range, merged chunk by chunk."""
     s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
-    start, end = _split_range(chunk, P)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    start, end = _split_range(chunk, P, INT64)
     n_a = 0.0
     mean_a = tl.zeros([BLOCK_C], tl.float32)
     m2_a = tl.zeros([BLOCK_C], tl.float32)
     for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+        offs_p = _pixels(p0, BLOCK_P, INT64)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
         x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
         n_b = tl.minimum(end - p0, BLOCK_P).to(tl.float32)
@@ -171,10 +195,10 @@ def _adain_fwd_apply_kernel(
     sxb, sxc, sxp, syb, syc, syp, srb, src, srp, swb, swc, sbb, sbc,
     eps, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr, INT64: tl.constexpr,
 ):
     s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
     mean, rstd = _merge_stats(PMEAN, PM2, b, offs_c, mask_c, C, P, chunk, n_split, eps, SPLIT_P2)
     if s == 0:
         tl.store(MEAN + b * C + offs_c, mean, mask=mask_c)
@@ -183,9 +207,9 @@ def _adain_fwd_apply_kernel(
     # (x - mean) * scale + b, not x * scale + (b - mean * scale): with zero variance rstd is
     # 1/sqrt(eps) ~ 316 and the folded shift would lose b's low bits.
     scale = rstd * w
-    start, end = _split_range(chunk, P)
+    start, end = _split_range(chunk, P, INT64)
     for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+        offs_p = _pixels(p0, BLOCK_P, INT64)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
         x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
         y = _act_fwd((x - mean[:, None]) * scale[:, None] + bb[:, None], ACT, slope)
@@ -212,10 +236,10 @@ def _adain_bwd_fused_kernel(
     sxb, sxc, sxp, sdb, sdc, sdp, sgb, sgc, sgp, swb, swc, sbb, sbc,
     slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
-    offs_p = tl.arange(0, BLOCK_P)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    offs_p = _pixels(0, BLOCK_P, INT64)
     mask = mask_c[:, None] & (offs_p[None, :] < P)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
@@ -238,19 +262,19 @@ def _adain_bwd_reduce_kernel(
     sxb, sxc, sxp, sdb, sdc, sdp, swb, swc, sbb, sbc,
     slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
     """Partial sums of dz and dz * xhat over this split's pixel range."""
     s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
     g_acc = tl.zeros([BLOCK_C], tl.float32)
     gx_acc = tl.zeros([BLOCK_C], tl.float32)
-    start, end = _split_range(chunk, P)
+    start, end = _split_range(chunk, P, INT64)
     for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+        offs_p = _pixels(p0, BLOCK_P, INT64)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
         xhat, dz = _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
                              sxb, sxc, sxp, sdb, sdc, sdp, ACT, slope)
@@ -268,10 +292,10 @@ def _adain_bwd_apply_kernel(
     sxb, sxc, sxp, sdb, sdc, sdp, sgb, sgc, sgp, swb, swc, sbb, sbc,
     slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr, INT64: tl.constexpr,
 ):
     s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C)
+    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
     offs_s = tl.arange(0, SPLIT_P2)
     smask = mask_c[:, None] & (offs_s[None, :] < n_split)
     sidx = (b * C + offs_c[:, None]) * n_split + offs_s[None, :]
@@ -283,9 +307,9 @@ def _adain_bwd_apply_kernel(
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
-    start, end = _split_range(chunk, P)
+    start, end = _split_range(chunk, P, INT64)
     for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+        offs_p = _pixels(p0, BLOCK_P, INT64)
         mask = mask_c[:, None] & (offs_p[None, :] < end)
         xhat, dz = _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
                              sxb, sxc, sxp, sdb, sdc, sdp, ACT, slope)
@@ -345,6 +369,11 @@ def plan(x: torch.Tensor, block_p: Optional[int] = None, splits: Optional[int] =
     return BLOCK_C, BLOCK_P, splits, chunk, False
 
 
+def _int64(*tensors: Optional[torch.Tensor]) -> bool:
+    """The INT64 constexpr of a launch: 64-bit offsets only when some tensor needs them."""
+    return needs_int64(*tensors) if FORCE_INT64 is None else FORCE_INT64
+
+
 def _warps(tile: int) -> int:
     return 1 if tile <= 256 else 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
@@ -363,8 +392,9 @@ def adain_fwd(x, weight, bias, residual, act: str, slope: float, eps: float,
     BLOCK_C, BLOCK_P, n_split, chunk, fused = plan(x, block_p, splits)
     n_cblk = triton.cdiv(C, BLOCK_C)
     dummy = mean  # stands in for absent tensors (never read: the HAS_* flags are constexpr)
+    int64 = _int64(x, y, residual, weight, bias, mean)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-                 ACT=ACTS[act], BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+                 ACT=ACTS[act], BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, INT64=int64)
     args_w = (weight if weight is not None else dummy, bias if bias is not None else dummy,
               residual if residual is not None else dummy)
     if fused:
@@ -372,12 +402,14 @@ def adain_fwd(x, weight, bias, residual, act: str, slope: float, eps: float,
             x, *args_w, y, mean, rstd, C, P, n_cblk, *sx, *sy, *sr, *sw, *sb, eps, slope,
             num_warps=_warps(BLOCK_C * BLOCK_P), **flags)
         return y, mean, rstd
+    check_interpreter_loops()
     pmean = torch.empty((B, C, n_split), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
+    flags["INT64"] = int64 or _int64(pmean)
     grid = (B * n_cblk, n_split)
     warps = _warps(BLOCK_C * BLOCK_P)
     _adain_stats_kernel[grid](x, pmean, pm2, C, P, n_cblk, chunk, n_split, *sx,
-                              BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=warps)
+                              BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, INT64=flags["INT64"], num_warps=warps)
     _adain_fwd_apply_kernel[grid](
         x, *args_w, y, mean, rstd, pmean, pm2, C, P, n_cblk, chunk, n_split,
         *sx, *sy, *sr, *sw, *sb, eps, slope, SPLIT_P2=next_power_of_2(n_split),
@@ -405,7 +437,7 @@ def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float,
     BLOCK_C, BLOCK_P, n_split, chunk, fused = plan(x, block_p, splits)
     n_cblk = triton.cdiv(C, BLOCK_C)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act],
-                 BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)
+                 BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, INT64=_int64(x, dy, dx, weight, bias, mean))
     wb = (weight if weight is not None else mean, bias if bias is not None else mean)
     warps = _warps(BLOCK_C * BLOCK_P)
     if fused:
@@ -413,8 +445,10 @@ def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float,
             x, dy, *wb, mean, rstd, dx, dw, db, C, P, n_cblk, *sx, *sd, *sg, *sw, *sb, slope,
             num_warps=warps, **flags)
         return dx, dw, db
+    check_interpreter_loops()
     pg = torch.empty((B, C, n_split), device=x.device, dtype=torch.float32)
     pgx = torch.empty_like(pg)
+    flags["INT64"] = flags["INT64"] or _int64(pg)
     grid = (B * n_cblk, n_split)
     _adain_bwd_reduce_kernel[grid](x, dy, *wb, mean, rstd, pg, pgx, C, P, n_cblk, chunk, n_split,
                                    *sx, *sd, *sw, *sb, slope, num_warps=warps, **flags)

@@ -109,6 +109,8 @@ CASES = [
     ("image size", ("g2g_fast.train", "--device", "cpu", "--image-size", "100", "--out", NEW), "image_size"),
     ("unknown flag", ("g2g_fast.train", "--stepz", "3"), "error: unrecognized arguments: --stepz 3"),
     ("fp16 on the CPU", (*TRAIN, "--precision", "fp16", "--out", NEW), "error: --precision fp16 on the CPU"),
+    ("--loader dali on synthetic data", (*TRAIN, "--loader", "dali", "--out", NEW),
+     "error: --loader dali"),
     # runs and checkpoints
     ("second run into an existing --out", (*TRAIN, "--out", "{d}/run"),
      "error: --out {d}/run already holds a run"),

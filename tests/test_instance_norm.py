@@ -10,6 +10,7 @@ import kernels
 from conftest import requires_cuda
 from g2g_fast.reference.ops import adain_ref
 from kernels import instance_norm as K
+from kernels._utils import check_interpreter_loops
 from utils import FP32_TOL, LOWP_ATOL, assert_close, assert_three_way
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,9 +28,19 @@ VARIANTS = {
 PATHS = {"auto": None, "looped": (64, 1), "split": (32, 3)}  # (block_p, splits) forced
 
 
+def skip_if_loops_unsupported():
+    """Skip (with the fix in the reason) where the interpreter cannot run looped kernels."""
+    try:
+        check_interpreter_loops()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture
 def force_plan(monkeypatch):
     def _set(path):
+        if path != "auto":
+            skip_if_loops_unsupported()
         monkeypatch.setattr(K, "FORCE_PLAN", PATHS[path])
     return _set
 
@@ -135,6 +146,7 @@ def test_low_precision_three_way(shape, variant, channels_last, path, dtype, for
 
 def test_large_plane_looped_path():
     """H*W = 65,536 (256 x 256): far above the fused tile, through the default plan."""
+    skip_if_loops_unsupported()
     inp = make_inputs((1, 2, 256, 256), "adain_res")
     y, grads, go = run(triton_adain, inp)
     y_ref, grads_ref, _ = run(adain_ref, inp, go)
@@ -172,6 +184,44 @@ def test_double_backward_raises():
     (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("path,channels_last", [("auto", False), ("looped", True), ("split", False), ("split", True)])
+def test_int64_variant_is_bitwise_the_int32_one(path, channels_last, force_plan, monkeypatch):
+    """The INT64 constexpr changes only the index type: forced on small shapes (where both are
+    exact) it gives the int32 kernels' bits. Past 2^31: tests/test_kernels_int64.py."""
+    force_plan(path)
+    inp = make_inputs((2, 5, 12, 11), "adain_res", channels_last=channels_last)
+    monkeypatch.setattr(K, "FORCE_INT64", False)
+    y32, g32, go = run(triton_adain, inp)
+    monkeypatch.setattr(K, "FORCE_INT64", True)
+    y64, g64, _ = run(triton_adain, inp, go)
+    assert torch.equal(y32, y64)
+    for k in g32:
+        assert torch.equal(g32[k], g64[k]), k
+
+
+def test_old_interpreter_with_new_numpy_is_refused(monkeypatch):
+    """triton < 3.7's interpreter cannot run loops with numpy >= 2.4: a one-line error naming the
+    fix, instead of a TypeError from inside the interpreter. Fused (loop-free) launches still run."""
+    import numpy
+    import triton
+    from kernels import _utils
+    monkeypatch.setattr(_utils, "interpreting", lambda: True)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"numpy<2.4 or triton>=3.7"):
+        _utils.check_interpreter_loops()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    _utils.check_interpreter_loops()
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    _utils.check_interpreter_loops()
+    if DEVICE == "cpu":   # the launcher calls it before any looped kernel
+        monkeypatch.setattr(triton, "__version__", "3.6.0")
+        monkeypatch.setattr(K, "FORCE_PLAN", PATHS["split"])
+        with pytest.raises(RuntimeError, match="cannot run looped kernels"):
+            triton_adain(torch.randn(1, 2, 4, 4))
 
 
 def test_dispatch_and_its_reasons():
