@@ -248,14 +248,12 @@ def check_options(o: TrainOptions) -> None:
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")
-    if not isinstance(o.nan_check_every, int) or o.nan_check_every < 0:
+    if o.nan_check_every < 0:
         raise UsageError(f"--nan-check-every must be >= 0, got {o.nan_check_every!r}")
-    if not isinstance(o.eval_every, int) or o.eval_every < 0:
+    if o.eval_every < 0:
         raise UsageError(f"--eval-every must be >= 0 (0 = off), got {o.eval_every!r}")
-    if not isinstance(o.dist_timeout, (int, float)) or not o.dist_timeout > 0:
+    if not o.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {o.dist_timeout!r}")
-    if not isinstance(o.sync_bn, bool):
-        raise UsageError(f"sync_bn must be true or false, got {o.sync_bn!r}")
     for name in ("steps", "sample_every", "ckpt_every", "log_every"):
-        if not isinstance(getattr(o, name), int) or getattr(o, name) < 1:
+        if getattr(o, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(o, name)!r}")
