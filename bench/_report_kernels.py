@@ -1,9 +1,10 @@
 """gpu_report.py's kernel sections: `parity` (kernels.adain against its fp32 reference at the
-FUNIT shapes) and `bandwidth` (AdaIN GB/s per provider, format, shape and mode), with their
-markdown. `ctx` is gpu_report's Ctx (dev, B, shapes, impl, reps, warmup, smoke, report, skip(),
-error(), free())."""
+FUNIT shapes), `bandwidth` (AdaIN GB/s per provider, format, shape and mode) and `plans` (the
+Triton launch plans measured against each other per layer), with their markdown. `ctx` is
+gpu_report's Ctx (dev, B, shapes, impl, reps, warmup, smoke, report, skip(), error(), free())."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -121,6 +122,95 @@ def bandwidth(ctx, out: dict) -> None:
                 inp = dy = None
                 ctx.free()
     out["summary"] = _summary(out["rows"])
+
+
+# Candidate plans (plan()'s forced keyword arguments; None: the default). "twopass-sector": rows a
+# full 32-byte sector wide, not narrowed to fit L2; "-1wave" / "-2wave": 1 or 2 programs per SM
+# whatever the working set; "split": the two-kernel path (4N forward with residual, 5N backward).
+PLAN_FORMAT = "bf16-channels_last"
+PLAN_SLOWER = 1.03   # the default is kept unless a candidate is > 3% faster
+
+
+def _plan_candidates(x, target) -> dict:
+    from kernels import instance_norm as KI
+    auto = KI.plan(x, target, x.element_size())
+    sector = max(1, min(32 // x.element_size(), x.shape[1]))
+    cands = {"auto": None, "split": dict(kind="split"), "twopass": dict(kind="twopass"),
+             "twopass-sector": dict(kind="twopass", block_c=sector),
+             "twopass-1wave": dict(kind="twopass", programs=target.sms),
+             "twopass-2wave": dict(kind="twopass", programs=2 * target.sms)}
+    if auto.kind == "fused":
+        cands["fused"] = dict(kind="fused")
+    return cands
+
+
+def plans(ctx, out: dict) -> None:
+    """Each candidate plan per FUNIT layer (bf16 channels_last, the benchmarked epilogue) and
+    mode: GB/s from the byte ledger, and whether plan()'s default is the fastest."""
+    from kernels import instance_norm as KI
+    from kernels._utils import target_of
+    dtype, mf = S.FORMATS[PLAN_FORMAT]
+    copy = ctx.report.get("peaks", {}).get("copy_gbps")
+    target = target_of(ctx.dev)
+    out.update(format=PLAN_FORMAT, target=str(target), rows=[], decisions=[])
+    flush = S.l2_flush_buffer(ctx.dev)
+    fn = S.make_provider("triton", impl=ctx.impl)
+    try:
+        for C, H, W in ctx.shapes:
+            shape = f"{ctx.B}x{S.shape_id(C, H, W)}"
+            if ctx.skip(f"plans {shape}", 15):
+                continue
+            inp = S.make_inputs(ctx.B, C, H, W, dtype, mf, ctx.dev)
+            dy = S.grad_like(inp["x"])
+            best = {}
+            for name, force in _plan_candidates(inp["x"], target).items():
+                KI.FORCE_PLAN = force
+                row = dict(shape=shape, plan=name)
+                try:
+                    row["fwd_plan"] = tuple(KI.plan(inp["x"], target, inp["x"].element_size()))
+                    row["bwd_plan"] = tuple(KI.plan(inp["x"], target, 2 * inp["x"].element_size()))
+                    for mode in S.MODES:
+                        ms = S.median_ms(S.make_step(fn, inp, mode, dy), ctx.dev, warmup=ctx.warmup,
+                                         reps=ctx.reps, flush=flush)
+                        gbps = S.ledger_bytes(mode, ctx.B, C, H, W, dtype) / (ms * 1e-3) / 1e9
+                        row[mode] = dict(ms=ms, gbps=gbps, frac_of_copy_bw=gbps / copy if copy else None)
+                        if mode not in best or ms < best[mode][1]:
+                            best[mode] = (name, ms)
+                except Exception as e:
+                    row["error"] = ctx.error(f"plans {shape} {name}", e)
+                out["rows"].append(row)
+            auto = {r["plan"]: r for r in out["rows"] if r["shape"] == shape}.get("auto", {})
+            for mode, (name, ms) in best.items():
+                a = auto.get(mode, {}).get("ms")
+                keep = a is not None and a <= ms * PLAN_SLOWER
+                out["decisions"].append(dict(shape=shape, mode=mode, best=name, best_ms=ms, auto_ms=a,
+                                             keep_default=keep))
+            inp = dy = None
+            ctx.free()
+    finally:
+        KI.FORCE_PLAN = None
+    changes = [d for d in out["decisions"] if not d["keep_default"]]
+    out["verdict"] = ("keep plan()'s defaults: no candidate is more than 3% faster anywhere" if not changes else
+                      "change plan(): " + "; ".join(f"{d['shape']} {d['mode']}: {d['best']} "
+                                                    f"{d['best_ms']:.3f} ms vs default {f(d['auto_ms'], '.3f')} ms"
+                                                    for d in changes))
+    print(f"[gpu_report] plans DECISION: {out['verdict']}", file=sys.stderr, flush=True)
+
+
+def plans_markdown(pl: dict) -> list:
+    if not pl.get("rows"):
+        return []
+    L = ["", f"## Launch plans compared ({pl.get('format')}, relu + residual; {pl.get('target')})", "",
+         f"**Decision: {pl.get('verdict', '-')}**", "",
+         "Plan tuples: (kind, BLOCK_C, BLOCK_P, splits, chunk, programs), forward and backward.", "",
+         "| shape | plan | fwd plan | bwd plan | fwd GB/s | bwd GB/s | full GB/s | full of copy |",
+         "|---|---|---|---|---|---|---|---|"]
+    for r in pl["rows"]:
+        g = [f(r.get(m, {}).get("gbps")) for m in S.MODES]
+        L.append(f"| {r['shape']} | {r['plan']} | {r.get('fwd_plan', '-')} | {r.get('bwd_plan', '-')} | "
+                 + " | ".join(g) + f" | {f(r.get('full', {}).get('frac_of_copy_bw'), '.0%')} |"
+                 + (f" error: {r['error']}" if "error" in r else ""))
+    return L
 
 
 def _summary(rows: list) -> list:

@@ -27,6 +27,11 @@ goes on; the slowest to set up come last so the budget cuts them first):
                 (B, C) weights) for triton / torch eager / torch.compile(reference), both formats,
                 from the byte ledger in bench/_shapes.py; median of CUDA-event timings after
                 warm-up, L2 flushed before each rep; fraction of copy bandwidth; speedups.
+  plans         the Triton launch plans of kernels/instance_norm.py measured against each other
+                per FUNIT layer and mode (bf16 channels_last, the epilogue above): plan()'s
+                default, split, two-pass (default, full-sector rows, 1 and 2 programs per SM),
+                fused where it fits; GB/s from the same ledger; prints a DECISION line: keep
+                the defaults, or which candidate beats them by > 3% where.
   train_step    one training iteration (D step + G step + EMA) per provider (bench/_train.py):
                 FUNIT2FUNIT at 128^2, batch 64, 119 classes with reference-fp32 (TF32 off),
                 reference-bf16-cl, reference-bf16-cl-compile, fast, fast-subpixel (the
@@ -194,7 +199,7 @@ def peaks(ctx: Ctx, out: dict) -> None:
 # cannot cost the other sections (each is saved as it ends).
 LOADERS_RESERVE_S = 45
 SECTIONS = (("environment", environment, 0), ("peaks", peaks, 10), ("parity", K.parity, 20),
-            ("model_parity", M.model_parity, 20), ("bandwidth", K.bandwidth, 20),
+            ("model_parity", M.model_parity, 20), ("bandwidth", K.bandwidth, 20), ("plans", K.plans, 20),
             ("train_step", M.train_step, 30), ("loaders", LD.report_section, LOADERS_RESERVE_S))
 
 
@@ -215,6 +220,7 @@ def markdown(ctx: Ctx) -> str:
     L += M._step_targets_markdown(rep.get("train_step", {}))
     L += M._model_parity_markdown(rep.get("model_parity", {}))
     L += K.markdown(rep, len(ctx.shapes))
+    L += K.plans_markdown(rep.get("plans", {}))
     L += M._step_markdown(rep.get("train_step", {}))
     L += M._profile_markdown(rep.get("train_step", {}))
     L += LD.report_markdown(rep.get("loaders", {}), f)

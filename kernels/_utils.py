@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -89,3 +90,73 @@ def bchw_view(t: torch.Tensor) -> tuple[int, int, int]:
 
 def is_supported_layout(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------
+# Targets: what a launch plan depends on, explicit so that the CPU tests can run the exact plans
+# a GPU would pick (through the interpreter) and the compile gate can compile them for sm_90/80.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """The machine a launch is planned for.
+
+    sms:         streaming multiprocessors; a launch wants at least this many programs.
+    l2_bytes:    L2 cache size; bounds the working set of the two-pass plan, whose second read
+                 must come from L2 to stay at the fused memory ledger.
+    arch:        compute capability x 10 (90 Hopper, 80 Ampere) for `triton.compile`; 0 = none.
+    interpreter: plans for the Triton interpreter (CPU), where a bigger pixel block is cheaper.
+    max_tile:    elements of one fused tile held in registers: 16 warps x 32 lanes x 32 fp32
+                 values (128 registers per thread at 16 warps, the per-thread cap of a 64K file).
+    """
+    name: str
+    sms: int
+    l2_bytes: int
+    arch: int = 0
+    interpreter: bool = False
+    max_tile: int = 16384
+
+
+TARGETS = {
+    # H100 SXM and H200 are the same GH100 die: 132 SMs, 50 MB of L2.
+    "h100": Target("h100", sms=132, l2_bytes=50 << 20, arch=90),
+    "h200": Target("h200", sms=132, l2_bytes=50 << 20, arch=90),
+    "a100": Target("a100", sms=108, l2_bytes=40 << 20, arch=80),
+    # Any small SM count takes the same branches on the small shapes the CPU tests can afford.
+    "interpreter": Target("interpreter", sms=4, l2_bytes=4 << 20, interpreter=True),
+}
+
+
+def target_of(device: torch.device) -> Target:
+    """The Target of a device: read from the CUDA device, or the interpreter's on the CPU."""
+    if device.type != "cuda":
+        return TARGETS["interpreter"]
+    p = torch.cuda.get_device_properties(device)
+    return Target(p.name, sms=p.multi_processor_count,
+                  l2_bytes=getattr(p, "L2_cache_size", 0) or (40 << 20), arch=p.major * 10 + p.minor)
+
+
+def inner_dim(t: torch.Tensor) -> Optional[str]:
+    """Which index of a (B, C, H, W) tensor is contiguous in memory: "c" (channels_last),
+    "p" (NCHW: pixels) or None (neither, e.g. a zero-stride broadcast, or a 1-element axis)."""
+    B, C, H, W = t.shape
+    if C > 1 and t.stride(1) == 1:
+        return "c"
+    if H * W > 1 and t.stride(3 if W > 1 else 2) == 1:
+        return "p"
+    return None
+
+
+def match_layout(t: Optional[torch.Tensor], ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """t in ref's memory format when their contiguous dims differ (one copy), else t itself.
+
+    A kernel reading one tensor along pixels and another along channels needs a register
+    layout conversion through shared memory, which spills at 16 warps in fp32 (see the compile
+    gate); one explicit copy of the odd tensor is cheaper and is counted in the ledger.
+    """
+    if t is None:
+        return t
+    a, b = inner_dim(t), inner_dim(ref)
+    if a is None or b is None or a == b:
+        return t
+    fmt = torch.channels_last if b == "c" else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)

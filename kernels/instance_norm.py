@@ -7,14 +7,24 @@ square root, fp32 statistics). Layout: a (B, C, H, W) tensor is read as (B, C, P
 through its strides, so NCHW-contiguous (pixel stride 1) and channels_last (pixel stride C)
 inputs are both read in place and the output keeps the input's memory format.
 
-Memory traffic (the ledger the benchmarks count):
-  forward, fused path   read x (+ residual), write y                      -> 2 (3) x N
-  forward, split path   read x twice (stats, then apply), write y          -> 3 (4) x N
-  backward, fused path  read x, dy, write dx                               -> 3 x N
-  backward, split path  read x, dy twice, write dx                         -> 5 x N
-plus O(B*C) statistics. The fused path holds a whole (channel block x H*W) tile in registers;
-above that size ("looped") or when B*C programs are too few to fill the GPU ("split"), H*W is cut
-into chunks whose partial statistics are merged exactly (Chan et al.'s parallel variance).
+Memory traffic (the ledger the benchmarks count; N = elements of x):
+  forward, fused     read x (+ residual), write y                           -> 2 (3) x N
+  forward, two-pass  read x, read it again from L2, (+ residual), write y   -> 2 (3) x N
+  forward, split     read x twice (stats kernel, apply kernel), write y     -> 3 (4) x N
+  backward, fused    read x, dy, write dx                                   -> 3 x N
+  backward, two-pass read x, dy, again from L2, write dx                    -> 3 x N
+  backward, split    read x, dy twice, write dx                             -> 5 x N
+plus O(B*C) statistics, plus 2 x N for a residual or gradient whose layout differs from x's
+(copied once into x's layout: a kernel reading two layouts converts through shared memory and
+spills). The paths (`plan`, which takes the target machine explicitly):
+  fused     one program per (batch, channel block) row holding the whole row in registers;
+  two-pass  rows too long for registers: a persistent grid of programs, each takes rows in turn
+            and reads a row twice (statistics, then apply). The rows in flight (at least one per
+            SM) are kept within 3/4 of the L2, so the second read hits L2: for channels_last a
+            row is a 32-byte sector of channels, narrowed to as little as 8 bytes where needed
+            (bench/gpu_report.py measures these choices against the split path);
+  split     too few rows to fill the GPU: H*W is cut into chunks whose partial statistics are
+            merged exactly (Chan et al.'s parallel variance) by a second kernel.
 Per-(b, c) reductions are done by one program each, in a fixed order: no atomics, deterministic.
 
 Offsets: element offsets are int32 products (cheaper address math) unless some argument can reach
@@ -29,19 +39,23 @@ own: a double backward raises instead of being silently wrong (these ops are for
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import bchw_view, check_interpreter_loops, interpreting, needs_int64, next_power_of_2
+from ._utils import (Target, bchw_view, check_interpreter_loops, inner_dim, match_layout, needs_int64,
+                     next_power_of_2, target_of)
 
 ACTS = {"none": 0, "relu": 1, "lrelu": 2}
-MAX_TILE = 16384       # elements of one tile held in registers (16 warps: 32 fp32 per thread)
 MAX_SPLITS = 64        # H*W chunks per (b, c) in the split path
-# Tests set this to (block_p, splits) to force the looped/split paths on small shapes.
-FORCE_PLAN: Optional[tuple[Optional[int], Optional[int]]] = None
+TWOPASS_TILE = 4096    # elements of one two-pass tile (8 warps): a loop body, not a whole row
+# Tests and benchmarks set these: FORCE_PLAN to plan()'s keyword arguments (e.g.
+# dict(kind="split", block_p=32, splits=3)) to force a path on small shapes, FORCE_TARGET to
+# plan for another machine (e.g. _utils.TARGETS["h100"]: a GPU's plans through the interpreter).
+FORCE_PLAN: Optional[dict] = None
+FORCE_TARGET: Optional[Target] = None
 # Tests set this to True / False to force the INT64 constexpr (default: chosen by size).
 FORCE_INT64: Optional[bool] = None
 
@@ -70,14 +84,14 @@ def _act_bwd(z, g, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _coords(n_cblk, C, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
-    """This program's batch index and channel block (grid axis 0 = batch x channel blocks)."""
-    pid = tl.program_id(0)
+def _coords(item, n_cblk, C, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Batch index and channel block of one work item (item = batch x channel blocks)."""
     if INT64:
-        # b and offs_c inherit int64, so b * sxb and offs_c * sxc are 64-bit products.
-        pid = pid.to(tl.int64)
-    offs_c = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return pid // n_cblk, offs_c, offs_c < C
+        # b and offs_c inherit int64, so b * sxb and offs_c * sxc are 64-bit products. (tl.cast:
+        # the interpreter hands a loop variable over as a Python int, which has no .to.)
+        item = tl.cast(item, tl.int64)
+    offs_c = (item % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return item // n_cblk, offs_c, offs_c < C
 
 
 @triton.jit
@@ -122,7 +136,7 @@ def _adain_fwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    b, offs_c, mask_c = _coords(tl.program_id(0), n_cblk, C, BLOCK_C, INT64)
     offs_p = _pixels(0, BLOCK_P, INT64)
     mask = mask_c[:, None] & (offs_p[None, :] < P)
     # One read of the whole tile; two-pass mean/variance in registers (no E[x^2] - E[x]^2).
@@ -139,17 +153,12 @@ def _adain_fwd_fused_kernel(
     tl.store(RSTD + b * C + offs_c, rstd, mask=mask_c)
 
 
+# ---- loops over a pixel range [start, end) of one (b, channel block): the split and two-pass
+# ---- kernels are these loops arranged differently.
 @triton.jit
-def _adain_stats_kernel(
-    X, PMEAN, PM2,
-    C, P, n_cblk, chunk, n_split,
-    sxb, sxc, sxp,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
-):
-    """Partial (mean, M2) of each (b, c) over this split's pixel range, merged chunk by chunk."""
-    s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
-    start, end = _split_range(chunk, P, INT64)
+def _stats_loop(X, b, offs_c, mask_c, sxb, sxc, sxp, start, end,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    """(mean, M2) of each channel over [start, end), merged tile by tile."""
     n_a = 0.0
     mean_a = tl.zeros([BLOCK_C], tl.float32)
     m2_a = tl.zeros([BLOCK_C], tl.float32)
@@ -167,9 +176,82 @@ def _adain_stats_kernel(
         mean_a += delta * (n_b / n)
         m2_a += m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
-    idx = (b * C + offs_c) * n_split + s
-    tl.store(PMEAN + idx, mean_a, mask=mask_c)
-    tl.store(PM2 + idx, m2_a, mask=mask_c)
+    return mean_a, m2_a
+
+
+@triton.jit
+def _fwd_apply_loop(X, R, Y, b, offs_c, mask_c, mean, scale, bb, start, end,
+                    sxb, sxc, sxp, syb, syc, syp, srb, src, srp, slope,
+                    HAS_R: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    # (x - mean) * scale + b, not x * scale + (b - mean * scale): with zero variance rstd is
+    # 1/sqrt(eps) ~ 316 and the folded shift would lose b's low bits.
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = _pixels(p0, BLOCK_P, INT64)
+        mask = mask_c[:, None] & (offs_p[None, :] < end)
+        x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
+        y = _act_fwd((x - mean[:, None]) * scale[:, None] + bb[:, None], ACT, slope)
+        if HAS_R:
+            y += tl.load(R + b * srb + offs_c[:, None] * src + offs_p[None, :] * srp, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + b * syb + offs_c[:, None] * syc + offs_p[None, :] * syp, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
+              sxb, sxc, sxp, sdb, sdc, sdp, ACT: tl.constexpr, slope):
+    """-> (xhat, dz) of a tile: dz = dL/d(xhat * w + b), through the activation."""
+    x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + b * sdb + offs_c[:, None] * sdc + offs_p[None, :] * sdp, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    dz = _act_bwd(xhat * w[:, None] + bb[:, None], dy, ACT, slope)
+    return xhat, tl.where(mask, dz, 0.0)
+
+
+@triton.jit
+def _bwd_reduce_loop(X, DY, b, offs_c, mask_c, mean, rstd, w, bb, start, end,
+                     sxb, sxc, sxp, sdb, sdc, sdp, slope,
+                     ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    """Sums of dz (-> dbias) and dz * xhat (-> dweight) of each channel over [start, end)."""
+    g_acc = tl.zeros([BLOCK_C], tl.float32)
+    gx_acc = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = _pixels(p0, BLOCK_P, INT64)
+        mask = mask_c[:, None] & (offs_p[None, :] < end)
+        xhat, dz = _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
+                             sxb, sxc, sxp, sdb, sdc, sdp, ACT, slope)
+        g_acc += tl.sum(dz, axis=1)
+        gx_acc += tl.sum(dz * xhat, axis=1)
+    return g_acc, gx_acc
+
+
+@triton.jit
+def _bwd_apply_loop(X, DY, DX, b, offs_c, mask_c, mean, rstd, w, bb, g_sum, gx_sum, P, start, end,
+                    sxb, sxc, sxp, sdb, sdc, sdp, sgb, sgc, sgp, slope,
+                    ACT: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr):
+    # dx = rstd * w * (dz - mean(dz) - xhat * mean(dz * xhat))
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = _pixels(p0, BLOCK_P, INT64)
+        mask = mask_c[:, None] & (offs_p[None, :] < end)
+        xhat, dz = _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
+                             sxb, sxc, sxp, sdb, sdc, sdp, ACT, slope)
+        dx = (rstd * w)[:, None] * (dz - (g_sum / P)[:, None] - xhat * (gx_sum / P)[:, None])
+        tl.store(DX + b * sgb + offs_c[:, None] * sgc + offs_p[None, :] * sgp, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ---- split path: kernel 1 reduces each H*W chunk, kernel 2 merges the partials and applies.
+@triton.jit
+def _adain_stats_kernel(
+    X, PMEAN, PM2,
+    C, P, n_cblk, chunk, n_split,
+    sxb, sxc, sxp,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+):
+    """Partial (mean, M2) of each (b, c) over this split's pixel range."""
+    b, offs_c, mask_c = _coords(tl.program_id(0), n_cblk, C, BLOCK_C, INT64)
+    start, end = _split_range(chunk, P, INT64)
+    mean, m2 = _stats_loop(X, b, offs_c, mask_c, sxb, sxc, sxp, start, end, BLOCK_C, BLOCK_P, INT64)
+    idx = (b * C + offs_c) * n_split + tl.program_id(1)
+    tl.store(PMEAN + idx, mean, mask=mask_c)
+    tl.store(PM2 + idx, m2, mask=mask_c)
 
 
 @triton.jit
@@ -197,36 +279,37 @@ def _adain_fwd_apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr, INT64: tl.constexpr,
 ):
-    s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    b, offs_c, mask_c = _coords(tl.program_id(0), n_cblk, C, BLOCK_C, INT64)
     mean, rstd = _merge_stats(PMEAN, PM2, b, offs_c, mask_c, C, P, chunk, n_split, eps, SPLIT_P2)
-    if s == 0:
+    if tl.program_id(1) == 0:
         tl.store(MEAN + b * C + offs_c, mean, mask=mask_c)
         tl.store(RSTD + b * C + offs_c, rstd, mask=mask_c)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
-    # (x - mean) * scale + b, not x * scale + (b - mean * scale): with zero variance rstd is
-    # 1/sqrt(eps) ~ 316 and the folded shift would lose b's low bits.
-    scale = rstd * w
     start, end = _split_range(chunk, P, INT64)
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = _pixels(p0, BLOCK_P, INT64)
-        mask = mask_c[:, None] & (offs_p[None, :] < end)
-        x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
-        y = _act_fwd((x - mean[:, None]) * scale[:, None] + bb[:, None], ACT, slope)
-        if HAS_R:
-            y += tl.load(R + b * srb + offs_c[:, None] * src + offs_p[None, :] * srp, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + b * syb + offs_c[:, None] * syc + offs_p[None, :] * syp, y.to(Y.dtype.element_ty), mask=mask)
+    _fwd_apply_loop(X, R, Y, b, offs_c, mask_c, mean, rstd * w, bb, start, end,
+                    sxb, sxc, sxp, syb, syc, syp, srb, src, srp, slope, HAS_R, ACT, BLOCK_P, INT64)
 
 
+# ---- two-pass path: a persistent grid; each program takes whole (b, channel block) rows in
+# ---- turn, reads a row once for its statistics and again (from L2) to apply them.
 @triton.jit
-def _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
-              sxb, sxc, sxp, sdb, sdc, sdp, ACT: tl.constexpr, slope):
-    """-> (xhat, dz) of a tile: dz = dL/d(xhat * w + b), through the activation."""
-    x = tl.load(X + b * sxb + offs_c[:, None] * sxc + offs_p[None, :] * sxp, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + b * sdb + offs_c[:, None] * sdc + offs_p[None, :] * sdp, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    dz = _act_bwd(xhat * w[:, None] + bb[:, None], dy, ACT, slope)
-    return xhat, tl.where(mask, dz, 0.0)
+def _adain_fwd_twopass_kernel(
+    X, W, Bi, R, Y, MEAN, RSTD,
+    C, P, n_cblk, n_items,
+    sxb, sxc, sxp, syb, syc, syp, srb, src, srp, swb, swc, sbb, sbc,
+    eps, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+):
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        b, offs_c, mask_c = _coords(item, n_cblk, C, BLOCK_C, INT64)
+        mean, m2 = _stats_loop(X, b, offs_c, mask_c, sxb, sxc, sxp, 0, P, BLOCK_C, BLOCK_P, INT64)
+        rstd = 1.0 / tl.sqrt(m2 / P + eps)
+        tl.store(MEAN + b * C + offs_c, mean, mask=mask_c)
+        tl.store(RSTD + b * C + offs_c, rstd, mask=mask_c)
+        w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
+        _fwd_apply_loop(X, R, Y, b, offs_c, mask_c, mean, rstd * w, bb, 0, P,
+                        sxb, sxc, sxp, syb, syc, syp, srb, src, srp, slope, HAS_R, ACT, BLOCK_P, INT64)
 
 
 @triton.jit
@@ -238,7 +321,7 @@ def _adain_bwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    b, offs_c, mask_c = _coords(tl.program_id(0), n_cblk, C, BLOCK_C, INT64)
     offs_p = _pixels(0, BLOCK_P, INT64)
     mask = mask_c[:, None] & (offs_p[None, :] < P)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
@@ -265,22 +348,14 @@ def _adain_bwd_reduce_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
 ):
     """Partial sums of dz and dz * xhat over this split's pixel range."""
-    s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    b, offs_c, mask_c = _coords(tl.program_id(0), n_cblk, C, BLOCK_C, INT64)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
-    g_acc = tl.zeros([BLOCK_C], tl.float32)
-    gx_acc = tl.zeros([BLOCK_C], tl.float32)
     start, end = _split_range(chunk, P, INT64)
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = _pixels(p0, BLOCK_P, INT64)
-        mask = mask_c[:, None] & (offs_p[None, :] < end)
-        xhat, dz = _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
-                             sxb, sxc, sxp, sdb, sdc, sdp, ACT, slope)
-        g_acc += tl.sum(dz, axis=1)
-        gx_acc += tl.sum(dz * xhat, axis=1)
-    idx = (b * C + offs_c) * n_split + s
+    g_acc, gx_acc = _bwd_reduce_loop(X, DY, b, offs_c, mask_c, mean, rstd, w, bb, start, end,
+                                     sxb, sxc, sxp, sdb, sdc, sdp, slope, ACT, BLOCK_C, BLOCK_P, INT64)
+    idx = (b * C + offs_c) * n_split + tl.program_id(1)
     tl.store(PG + idx, g_acc, mask=mask_c)
     tl.store(PGX + idx, gx_acc, mask=mask_c)
 
@@ -294,38 +369,48 @@ def _adain_bwd_apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT_P2: tl.constexpr, INT64: tl.constexpr,
 ):
-    s = tl.program_id(1)
-    b, offs_c, mask_c = _coords(n_cblk, C, BLOCK_C, INT64)
+    b, offs_c, mask_c = _coords(tl.program_id(0), n_cblk, C, BLOCK_C, INT64)
     offs_s = tl.arange(0, SPLIT_P2)
     smask = mask_c[:, None] & (offs_s[None, :] < n_split)
     sidx = (b * C + offs_c[:, None]) * n_split + offs_s[None, :]
     g_sum = tl.sum(tl.load(PG + sidx, mask=smask, other=0.0), axis=1)
     gx_sum = tl.sum(tl.load(PGX + sidx, mask=smask, other=0.0), axis=1)
-    if s == 0:
+    if tl.program_id(1) == 0:
         tl.store(DW + b * C + offs_c, gx_sum, mask=mask_c)
         tl.store(DB + b * C + offs_c, g_sum, mask=mask_c)
     mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
     rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
     w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
     start, end = _split_range(chunk, P, INT64)
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = _pixels(p0, BLOCK_P, INT64)
-        mask = mask_c[:, None] & (offs_p[None, :] < end)
-        xhat, dz = _bwd_tile(X, DY, b, offs_c, offs_p, mask, mean, rstd, w, bb,
-                             sxb, sxc, sxp, sdb, sdc, sdp, ACT, slope)
-        dx = (rstd * w)[:, None] * (dz - (g_sum / P)[:, None] - xhat * (gx_sum / P)[:, None])
-        tl.store(DX + b * sgb + offs_c[:, None] * sgc + offs_p[None, :] * sgp, dx.to(DX.dtype.element_ty), mask=mask)
+    _bwd_apply_loop(X, DY, DX, b, offs_c, mask_c, mean, rstd, w, bb, g_sum, gx_sum, P, start, end,
+                    sxb, sxc, sxp, sdb, sdc, sdp, sgb, sgc, sgp, slope, ACT, BLOCK_P, INT64)
+
+
+@triton.jit
+def _adain_bwd_twopass_kernel(
+    X, DY, W, Bi, MEAN, RSTD, DX, DW, DB,
+    C, P, n_cblk, n_items,
+    sxb, sxc, sxp, sdb, sdc, sdp, sgb, sgc, sgp, swb, swc, sbb, sbc,
+    slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, INT64: tl.constexpr,
+):
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        b, offs_c, mask_c = _coords(item, n_cblk, C, BLOCK_C, INT64)
+        mean = tl.load(MEAN + b * C + offs_c, mask=mask_c, other=0.0)
+        rstd = tl.load(RSTD + b * C + offs_c, mask=mask_c, other=0.0)
+        w, bb = _load_affine(W, Bi, b, offs_c, mask_c, swb, swc, sbb, sbc, HAS_W, HAS_B)
+        g_sum, gx_sum = _bwd_reduce_loop(X, DY, b, offs_c, mask_c, mean, rstd, w, bb, 0, P,
+                                         sxb, sxc, sxp, sdb, sdc, sdp, slope, ACT, BLOCK_C, BLOCK_P, INT64)
+        tl.store(DW + b * C + offs_c, gx_sum, mask=mask_c)
+        tl.store(DB + b * C + offs_c, g_sum, mask=mask_c)
+        _bwd_apply_loop(X, DY, DX, b, offs_c, mask_c, mean, rstd, w, bb, g_sum, gx_sum, P, 0, P,
+                        sxb, sxc, sxp, sdb, sdc, sdp, sgb, sgc, sgp, slope, ACT, BLOCK_P, INT64)
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers: shapes, allocation, block choice, grid.
 # --------------------------------------------------------------------------------------------
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: any small number exercises the same code
-
-
 def _affine_strides(t: Optional[torch.Tensor], B: int, C: int, name: str) -> tuple[int, int]:
     """(batch stride, channel stride) for a (B, C) or (C,) parameter; (0, 0) when absent."""
     if t is None:
@@ -337,36 +422,89 @@ def _affine_strides(t: Optional[torch.Tensor], B: int, C: int, name: str) -> tup
     raise ValueError(f"adain: {name} must have shape ({B}, {C}) or ({C},), got {tuple(t.shape)}")
 
 
-def plan(x: torch.Tensor, block_p: Optional[int] = None, splits: Optional[int] = None):
-    """Block sizes and H*W split for x -> (BLOCK_C, BLOCK_P, n_split, chunk, fused).
+class Plan(NamedTuple):
+    """How one launch is tiled. kind: "fused" (a whole row in registers), "split" (H*W cut
+    into `splits` chunks of `chunk` pixels, two kernels) or "twopass" (`programs` persistent
+    programs, each row read twice, the second time from L2)."""
+    kind: str
+    block_c: int
+    block_p: int
+    splits: int
+    chunk: int
+    programs: int
 
-    `block_p` / `splits` force a tiling (tests use them to exercise every path on small shapes).
+
+def plan(x: torch.Tensor, target: Target, reread_bytes: Optional[int] = None, *,
+         kind: Optional[str] = None, block_c: Optional[int] = None, block_p: Optional[int] = None,
+         splits: Optional[int] = None, programs: Optional[int] = None) -> Plan:
+    """The tiling of a launch on x for `target` (a pure function of shape, strides and target).
+
+    reread_bytes: bytes per element that the two-pass plan reads twice (forward: x; backward:
+    x and dy); it sizes the working set. The keyword arguments force a plan (tests, benchmarks).
+
+    Rules: a row (b, channel block) that fits `target.max_tile` is fused, unless B x C gives
+    fewer programs than SMs and the row is long (then cutting H*W fills the GPU). Otherwise, with
+    at least one row per SM, two-pass: persistent programs, at least one per SM and more while
+    the rows in flight fit in 3/4 of the L2, so the second read of each row hits L2 and the
+    traffic is the fused ledger (2N / 3N forward, 3N backward); channels_last rows are narrowed
+    from one sector of channels to as little as 8 bytes for one row per SM to fit. With fewer
+    rows than SMs, split.
+    A Target is explicit so that the CPU tests run a GPU's exact plans through the interpreter.
+    Channels_last rows are at least one 32-byte sector of channels wide (coalesced reads).
     """
-    if block_p is None and splits is None and FORCE_PLAN is not None:
-        block_p, splits = FORCE_PLAN
+    if FORCE_PLAN is not None and kind is None and block_p is None and splits is None:
+        return plan(x, target, reread_bytes, **FORCE_PLAN)
     B, C, H, W = x.shape
     P = H * W
-    channels_inner = x.stride(1) == 1 and C > 1 and P > 1   # channels_last: channels contiguous
-    if channels_inner:
-        BLOCK_C = min(next_power_of_2(C), 32)   # >= 64 contiguous bytes per row of the tile
-    else:
-        BLOCK_C = 1 if P >= 256 else min(next_power_of_2(C), max(1, 256 // next_power_of_2(P)))
     full_p = next_power_of_2(P)
-    if block_p is None and splits is None and BLOCK_C * full_p <= MAX_TILE:
-        # The whole row fits: one read, one write. (Split only if B*C gives too few programs.)
-        programs = B * triton.cdiv(C, BLOCK_C)
-        if programs >= _num_sms(x.device) or full_p <= 1024:
-            return BLOCK_C, full_p, 1, P, True
-    BLOCK_P = block_p or max(1, min(full_p, MAX_TILE // BLOCK_C, 1024 if not interpreting() else 4096))
+    channels_inner = inner_dim(x) == "c"
+    sector_c = min(next_power_of_2(C), max(1, 32 // x.element_size()))
+    if block_c is not None:
+        BLOCK_C = block_c
+    elif channels_inner:
+        # Widest of 32 channels (>= 64 contiguous bytes) down to one sector that fits a tile.
+        BLOCK_C = min(next_power_of_2(C), 32)
+        while BLOCK_C > sector_c and BLOCK_C * full_p > target.max_tile:
+            BLOCK_C //= 2
+    else:
+        BLOCK_C = 1 if P >= 256 else min(next_power_of_2(C), max(1, 256 // full_p))
+    rows = B * triton.cdiv(C, BLOCK_C)
+    if kind is None and BLOCK_C * full_p <= target.max_tile and (rows >= target.sms or full_p <= 1024):
+        kind = "fused"
+    if kind == "fused":
+        return Plan("fused", BLOCK_C, full_p, 1, P, rows)
+    max_block_p = 4096 if target.interpreter else 1024   # the interpreter pays per tile, not per element
+    if kind is None:
+        kind = "twopass" if rows >= target.sms else "split"
+    if kind == "twopass":
+        budget = target.l2_bytes * 3 // 4     # of L2 for the rows in flight; the rest for others
+        reread = reread_bytes or x.element_size()
+        if block_c is None:
+            BLOCK_C = 1
+            if channels_inner:
+                # A sector of channels, narrowed (to 8 bytes at least) until one row per SM fits.
+                BLOCK_C, min_c = sector_c, min(sector_c, max(1, 8 // x.element_size()))
+                while BLOCK_C > min_c and target.sms * BLOCK_C * P * reread > budget:
+                    BLOCK_C //= 2
+            rows = B * triton.cdiv(C, BLOCK_C)
+        BLOCK_P = block_p or max(1, min(full_p, TWOPASS_TILE // BLOCK_C, max_block_p))
+        if programs is None:
+            programs = max(target.sms, budget // (BLOCK_C * P * reread))
+        return Plan("twopass", BLOCK_C, BLOCK_P, 1, P, max(1, min(int(programs), rows)))
+    if kind != "split":
+        raise ValueError(f"adain: unknown plan kind {kind!r}")
+    BLOCK_P = block_p or max(1, min(full_p, target.max_tile // BLOCK_C, max_block_p))
     if splits is None:
         # Enough programs to fill every SM about twice, but chunks of at least 4 blocks.
-        programs = B * triton.cdiv(C, BLOCK_C)
-        want = triton.cdiv(2 * _num_sms(x.device), programs)
+        want = triton.cdiv(2 * target.sms, rows)
         splits = max(1, min(MAX_SPLITS, want, triton.cdiv(P, 4 * BLOCK_P)))
     splits = max(1, min(int(splits), P))
     chunk = triton.cdiv(triton.cdiv(P, splits), BLOCK_P) * BLOCK_P
-    splits = triton.cdiv(P, chunk)
-    return BLOCK_C, BLOCK_P, splits, chunk, False
+    return Plan("split", BLOCK_C, BLOCK_P, triton.cdiv(P, chunk), chunk, rows)
+
+
+def _target(x: torch.Tensor) -> Target:
+    return FORCE_TARGET if FORCE_TARGET is not None else target_of(x.device)
 
 
 def _int64(*tensors: Optional[torch.Tensor]) -> bool:
@@ -378,47 +516,50 @@ def _warps(tile: int) -> int:
     return 1 if tile <= 256 else 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
 
-def adain_fwd(x, weight, bias, residual, act: str, slope: float, eps: float,
-              block_p: Optional[int] = None, splits: Optional[int] = None):
+def adain_fwd(x, weight, bias, residual, act: str, slope: float, eps: float):
     """-> (y, mean, rstd); mean/rstd are fp32 (B, C) for the backward."""
     B, C, H, W = x.shape
     P = H * W
+    residual = match_layout(residual, x)   # one layout per launch (see match_layout)
     y = torch.empty_like(x)  # same memory format as x
     mean = torch.empty((B, C), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     sx, sy = bchw_view(x), bchw_view(y)
     sr = bchw_view(residual) if residual is not None else (0, 0, 0)
     sw, sb = _affine_strides(weight, B, C, "weight"), _affine_strides(bias, B, C, "bias")
-    BLOCK_C, BLOCK_P, n_split, chunk, fused = plan(x, block_p, splits)
-    n_cblk = triton.cdiv(C, BLOCK_C)
+    pl = plan(x, _target(x), x.element_size())
+    n_cblk = triton.cdiv(C, pl.block_c)
     dummy = mean  # stands in for absent tensors (never read: the HAS_* flags are constexpr)
     int64 = _int64(x, y, residual, weight, bias, mean)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
-                 ACT=ACTS[act], BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, INT64=int64)
+                 ACT=ACTS[act], BLOCK_C=pl.block_c, BLOCK_P=pl.block_p, INT64=int64,
+                 num_warps=_warps(pl.block_c * pl.block_p))
     args_w = (weight if weight is not None else dummy, bias if bias is not None else dummy,
               residual if residual is not None else dummy)
-    if fused:
-        _adain_fwd_fused_kernel[(B * n_cblk,)](
-            x, *args_w, y, mean, rstd, C, P, n_cblk, *sx, *sy, *sr, *sw, *sb, eps, slope,
-            num_warps=_warps(BLOCK_C * BLOCK_P), **flags)
+    if pl.kind == "fused":
+        _adain_fwd_fused_kernel[(pl.programs,)](
+            x, *args_w, y, mean, rstd, C, P, n_cblk, *sx, *sy, *sr, *sw, *sb, eps, slope, **flags)
         return y, mean, rstd
     check_interpreter_loops()
-    pmean = torch.empty((B, C, n_split), device=x.device, dtype=torch.float32)
+    if pl.kind == "twopass":
+        _adain_fwd_twopass_kernel[(pl.programs,)](
+            x, *args_w, y, mean, rstd, C, P, n_cblk, B * n_cblk, *sx, *sy, *sr, *sw, *sb, eps, slope,
+            **flags)
+        return y, mean, rstd
+    pmean = torch.empty((B, C, pl.splits), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     flags["INT64"] = int64 or _int64(pmean)
-    grid = (B * n_cblk, n_split)
-    warps = _warps(BLOCK_C * BLOCK_P)
-    _adain_stats_kernel[grid](x, pmean, pm2, C, P, n_cblk, chunk, n_split, *sx,
-                              BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, INT64=flags["INT64"], num_warps=warps)
+    grid = (B * n_cblk, pl.splits)
+    _adain_stats_kernel[grid](x, pmean, pm2, C, P, n_cblk, pl.chunk, pl.splits, *sx,
+                              BLOCK_C=pl.block_c, BLOCK_P=pl.block_p, INT64=flags["INT64"],
+                              num_warps=flags["num_warps"])
     _adain_fwd_apply_kernel[grid](
-        x, *args_w, y, mean, rstd, pmean, pm2, C, P, n_cblk, chunk, n_split,
-        *sx, *sy, *sr, *sw, *sb, eps, slope, SPLIT_P2=next_power_of_2(n_split),
-        num_warps=warps, **flags)
+        x, *args_w, y, mean, rstd, pmean, pm2, C, P, n_cblk, pl.chunk, pl.splits,
+        *sx, *sy, *sr, *sw, *sb, eps, slope, SPLIT_P2=next_power_of_2(pl.splits), **flags)
     return y, mean, rstd
 
 
-def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float,
-              block_p: Optional[int] = None, splits: Optional[int] = None):
+def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float):
     """-> (dx, dweight_bc, dbias_bc): per-(b, c) fp32 sums; the caller reduces (C,) params over b."""
     B, C, H, W = x.shape
     P = H * W
@@ -429,32 +570,38 @@ def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float,
     except ValueError:  # an exotic gradient layout from upstream: one explicit copy
         dy = dy.contiguous()
         sd = bchw_view(dy)
+    dy = match_layout(dy, x)   # e.g. an NCHW gradient from the sub-pixel decoder, x channels_last
+    sd = bchw_view(dy)
     dx = torch.empty_like(x)
     dw = torch.empty((B, C), device=x.device, dtype=torch.float32)
     db = torch.empty_like(dw)
     sx, sg = bchw_view(x), bchw_view(dx)
     sw, sb = _affine_strides(weight, B, C, "weight"), _affine_strides(bias, B, C, "bias")
-    BLOCK_C, BLOCK_P, n_split, chunk, fused = plan(x, block_p, splits)
-    n_cblk = triton.cdiv(C, BLOCK_C)
+    pl = plan(x, _target(x), x.element_size() + dy.element_size())
+    n_cblk = triton.cdiv(C, pl.block_c)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act],
-                 BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, INT64=_int64(x, dy, dx, weight, bias, mean))
+                 BLOCK_C=pl.block_c, BLOCK_P=pl.block_p, INT64=_int64(x, dy, dx, weight, bias, mean),
+                 num_warps=_warps(pl.block_c * pl.block_p))
     wb = (weight if weight is not None else mean, bias if bias is not None else mean)
-    warps = _warps(BLOCK_C * BLOCK_P)
-    if fused:
-        _adain_bwd_fused_kernel[(B * n_cblk,)](
-            x, dy, *wb, mean, rstd, dx, dw, db, C, P, n_cblk, *sx, *sd, *sg, *sw, *sb, slope,
-            num_warps=warps, **flags)
+    strides = (*sx, *sd, *sg, *sw, *sb)
+    if pl.kind == "fused":
+        _adain_bwd_fused_kernel[(pl.programs,)](
+            x, dy, *wb, mean, rstd, dx, dw, db, C, P, n_cblk, *strides, slope, **flags)
         return dx, dw, db
     check_interpreter_loops()
-    pg = torch.empty((B, C, n_split), device=x.device, dtype=torch.float32)
+    if pl.kind == "twopass":
+        _adain_bwd_twopass_kernel[(pl.programs,)](
+            x, dy, *wb, mean, rstd, dx, dw, db, C, P, n_cblk, B * n_cblk, *strides, slope, **flags)
+        return dx, dw, db
+    pg = torch.empty((B, C, pl.splits), device=x.device, dtype=torch.float32)
     pgx = torch.empty_like(pg)
     flags["INT64"] = flags["INT64"] or _int64(pg)
-    grid = (B * n_cblk, n_split)
-    _adain_bwd_reduce_kernel[grid](x, dy, *wb, mean, rstd, pg, pgx, C, P, n_cblk, chunk, n_split,
-                                   *sx, *sd, *sw, *sb, slope, num_warps=warps, **flags)
-    _adain_bwd_apply_kernel[grid](x, dy, *wb, mean, rstd, pg, pgx, dx, dw, db, C, P, n_cblk, chunk,
-                                  n_split, *sx, *sd, *sg, *sw, *sb, slope,
-                                  SPLIT_P2=next_power_of_2(n_split), num_warps=warps, **flags)
+    grid = (B * n_cblk, pl.splits)
+    _adain_bwd_reduce_kernel[grid](x, dy, *wb, mean, rstd, pg, pgx, C, P, n_cblk, pl.chunk, pl.splits,
+                                   *sx, *sd, *sw, *sb, slope, **flags)
+    _adain_bwd_apply_kernel[grid](x, dy, *wb, mean, rstd, pg, pgx, dx, dw, db, C, P, n_cblk, pl.chunk,
+                                  pl.splits, *strides, slope, SPLIT_P2=next_power_of_2(pl.splits),
+                                  **flags)
     return dx, dw, db
 
 

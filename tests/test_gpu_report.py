@@ -38,6 +38,12 @@ def test_gpu_report_smoke(tmp_path):
     assert len(targets) == 2
     assert all(set(s["targets"]) == {"frac_of_copy_bw", "vs_eager", "vs_compile"} for s in targets)
 
+    pl = rep["plans"]   # every candidate plan ran (interpreter) and the decision was taken from them
+    assert {r["plan"] for r in pl["rows"]} >= {"auto", "split", "twopass", "twopass-sector", "twopass-1wave"}
+    assert all("error" not in r and r["full"]["gbps"] > 0 for r in pl["rows"]), pl["rows"]
+    assert {r["fwd_plan"][0] for r in pl["rows"] if r["plan"] == "split"} == {"split"}
+    assert len(pl["decisions"]) == 2 * 3 and pl["verdict"] in proc.stdout
+
     mp = rep["model_parity"]
     assert set(mp["outputs"]) == {"m1", "m2", "s1", "s2", "r1", "r2"}
     assert all(isinstance(o["ok"], bool) and o["rel_err"] >= 0 for o in mp["outputs"].values())
@@ -74,7 +80,7 @@ def test_gpu_report_smoke(tmp_path):
 
     md = js.with_suffix(".md").read_text()
     for heading in ("## Targets: training step", "## Targets: AdaIN", "## Model parity", "## Kernel parity",
-                    "## Training step throughput", "## Where the time goes"):
+                    "## Training step throughput", "## Where the time goes", "## Launch plans compared"):
         assert heading in md, heading
     assert proc.stdout.strip().startswith("# g2g-fast GPU report")
 

@@ -25,7 +25,13 @@ VARIANTS = {
     "affine_lrelu": ("c", "c", "lrelu", 0.1, False),   # affine IN (C,) params
     "weight_only_res": ("bc", None, "relu", 0.2, True),
 }
-PATHS = {"auto": None, "looped": (64, 1), "split": (32, 3)}  # (block_p, splits) forced
+# plan() keyword arguments forced (K.FORCE_PLAN): every path on shapes the interpreter affords.
+PATHS = {
+    "auto": None,
+    "looped": dict(kind="split", block_p=64, splits=1),   # one chunk: stats kernel + apply kernel
+    "split": dict(kind="split", block_p=32, splits=3),    # H*W in 3 chunks, partials merged
+    "twopass": dict(kind="twopass", block_p=64, programs=3),  # 3 persistent programs, rows in turn
+}
 
 
 def skip_if_loops_unsupported():
@@ -100,6 +106,10 @@ CASES = [
     ((2, 4, 40, 37), "affine_lrelu", True, "split"),
     ((1, 40, 12, 11), "weight_only_res", True, "split"),
     ((2, 3, 1, 1), "adain_res", False, "split"),
+    ((2, 4, 40, 37), "adain_res", True, "twopass"),   # 8 rows over 3 programs, 24 tiles each
+    ((2, 4, 40, 37), "affine_lrelu", False, "twopass"),
+    ((3, 5, 9, 7), "weight_only_res", True, "twopass"),  # odd: rows of 2 programs differ in count
+    ((2, 3, 1, 1), "in_relu", True, "twopass"),
     ((1, 2048, 3, 2), "adain_res", True, "auto"),    # C = 2048, both layouts
     ((1, 2048, 3, 2), "affine_lrelu", False, "auto"),
 ]
@@ -124,6 +134,7 @@ LOWP_CASES = [
     ((1, 63, 6, 5), "in_relu", True, "auto"),
     ((2, 4, 40, 37), "affine_lrelu", False, "split"),
     ((2, 4, 40, 37), "weight_only_res", True, "looped"),
+    ((2, 20, 40, 37), "adain_res", True, "twopass"),   # bf16: 16-channel sector rows, 2 blocks
 ]
 
 
@@ -155,7 +166,7 @@ def test_large_plane_looped_path():
         assert_close(grads[k], grads_ref[k], name=f"d{k}", rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("path", ["auto", "split"])
+@pytest.mark.parametrize("path", ["auto", "split", "twopass"])
 def test_bitwise_deterministic(path, force_plan):
     force_plan(path)
     inp = make_inputs((2, 6, 20, 13), "adain_res", channels_last=True)
@@ -186,7 +197,8 @@ def test_double_backward_raises():
         g.sum().backward()
 
 
-@pytest.mark.parametrize("path,channels_last", [("auto", False), ("looped", True), ("split", False), ("split", True)])
+@pytest.mark.parametrize("path,channels_last", [("auto", False), ("looped", True), ("split", False), ("split", True),
+                                                ("twopass", True)])
 def test_int64_variant_is_bitwise_the_int32_one(path, channels_last, force_plan, monkeypatch):
     """The INT64 constexpr changes only the index type: forced on small shapes (where both are
     exact) it gives the int32 kernels' bits. Past 2^31: tests/test_kernels_int64.py."""

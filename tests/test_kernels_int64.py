@@ -23,7 +23,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, C, H, W = 3, 4, 8, 9
 S = 2**30 + 64                  # batch stride: 2 * S = 2^31 + 128 overflows int32
 OFFSET = 2**31 - 128            # storage offset: the int32-wrapped start of sample 2 is element 0
-PATHS = {"fused": None, "looped": (16, 1), "split": (16, 3)}  # (block_p, splits) forced
+PATHS = {"fused": None, "looped": dict(kind="split", block_p=16, splits=1),   # plan() forced
+         "split": dict(kind="split", block_p=16, splits=3), "twopass": dict(kind="twopass", block_p=16, programs=2)}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_int64_offsets_huge_batch_stride(path, huge_view, monkeypatch):
     assert_three_way(got[0], y32, ylp, LOWP_ATOL[torch.bfloat16], "y")
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["fused", "split", "twopass"])
 def test_int32_offsets_would_be_wrong(path, huge_view, monkeypatch):
     """The case above with INT64 forced off reads sample 2 from the wrapped address (the storage's
     first element): proof that the test catches the int32 bug, here and on a GPU."""
