@@ -1,7 +1,16 @@
 """g2g-fast: G2G cross-training disentanglement, fast and checked against a plain-PyTorch reference.
 
 `g2g_fast.reference` is the executable specification (fp32, plain PyTorch); everything fast is
-tested against it.
+tested against it. For inference from Python: `model = g2g_fast.load(path)` (`g2g_fast.api`).
 """
 
 __version__ = "0.1.0"
+__all__ = ["load", "Translator"]
+
+
+def __getattr__(name):
+    # Imported on first use, so `import g2g_fast` (every CLI's first step) stays free of torch.
+    if name in __all__:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'g2g_fast' has no attribute {name!r}")

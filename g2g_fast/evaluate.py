@@ -20,6 +20,9 @@ Metrics (pairs (x1, x2) of held-out images of different classes; m1 = G(E_A(x1),
   leak_factors_from_class_r2    synthetic only: held-out R^2 (clipped at 0, averaged over
                         factors) of a ridge probe predicting the content factors from class codes
 Probes follow a fixed recipe and seed; the image probes are cached per dataset identity.
+--k-shot K (default 1): each original's class code in stage 1 is the mean of the class codes of K
+held-out images of its class (itself and K-1 others, seeded), as FUNIT's few-shot test; the mixes,
+short reconstructions and (through the mixes) the two-stage ones use it. Leakage is per image.
 """
 from __future__ import annotations
 
@@ -104,6 +107,27 @@ def pair_indices(labels: torch.Tensor, n_pairs: int, seed: int) -> tuple[torch.T
     return torch.tensor(i1[:n_pairs]), torch.tensor(i2[:n_pairs])
 
 
+def kshot_indices(labels: torch.Tensor, idx: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """(n, k) indices: row r is idx[r] and k-1 other images of its class, deterministic from seed."""
+    check_k_shot(labels[idx], labels, k)
+    g = torch.Generator().manual_seed(seed + 5)
+    by_class = {int(c): torch.nonzero(labels == c).flatten() for c in torch.unique(labels)}
+    rows = []
+    for i in idx.tolist():
+        others = by_class[int(labels[i])][by_class[int(labels[i])] != i]
+        rows.append(torch.cat([torch.tensor([i]), others[torch.randperm(len(others), generator=g)[:k - 1]]]))
+    return torch.stack(rows)
+
+
+def check_k_shot(used: torch.Tensor, labels: torch.Tensor, k: int) -> None:
+    """Every class in `used` has at least k images in `labels` (the held-out set), else ValueError."""
+    counts = torch.bincount(labels)
+    short = [c for c in torch.unique(used).tolist() if counts[c] < k]
+    if short:
+        raise ValueError(f"--k-shot {k}: class {short[0]} has only {int(counts[short[0]])} held-out images; lower "
+                         f"--k-shot or raise --samples (held out: 2 x --samples images, at least 64, over all classes)")
+
+
 # ---- synthetic factors --------------------------------------------------------------------------
 
 def factor_targets(f: torch.Tensor) -> torch.Tensor:
@@ -181,12 +205,15 @@ def build_probes(train: ImageSet, identity: dict | None = None, cache_dir: str |
 # ---- metrics (pure functions of a model with encode_content / encode_class / decode) ------------
 
 @torch.no_grad()
-def run_pairs(model, x1: torch.Tensor, x2: torch.Tensor, batch: int = 32, device="cpu") -> dict:
-    """Both G2G stages plus the short reconstructions over all pairs, in batches -> CPU tensors."""
+def run_pairs(model, x1: torch.Tensor, x2: torch.Tensor, batch: int = 32, device="cpu", class_codes=None) -> dict:
+    """Both G2G stages plus the short reconstructions over all pairs, in batches -> CPU tensors.
+    `class_codes` (b1, b2): stage 1's class codes instead of E_B(x1), E_B(x2) (K-shot)."""
     keys = ("m1", "m2", "s1", "s2", "r1", "r2", "a1", "a2", "b1", "b2")
     parts: dict[str, list] = {k: [] for k in keys}
     for i in range(0, len(x1), batch):
-        o = g2g_forward(model, x1[i:i + batch].to(device), x2[i:i + batch].to(device), short=True)
+        codes = None if class_codes is None else tuple(b[i:i + batch].to(device) for b in class_codes)
+        o = g2g_forward(model, x1[i:i + batch].to(device), x2[i:i + batch].to(device), short=True,
+                        class_codes=codes)
         for k in keys:
             parts[k].append(getattr(o, k).float().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -255,13 +282,19 @@ def leakage_metrics(train_codes, train: ImageSet, test_codes, test: ImageSet, nu
 
 def evaluate_model(model, train: ImageSet, heldout: ImageSet, probes: Probes, num_classes: int, *,
                    samples: int = 256, seed: int = 0, batch: int = 32, device="cpu",
-                   leak_train: int = 1024) -> dict:
+                   leak_train: int = 1024, k_shot: int = 1) -> dict:
     """All metrics of `model` (encode_content / encode_class / decode) -> flat dict (METRIC_KEYS).
 
-    train: real training images (for the leakage probes); heldout: images the pairs come from."""
+    train: real training images (for the leakage probes); heldout: images the pairs come from.
+    k_shot > 1: stage 1's class codes are K-shot means (`kshot_indices`; see the module docstring)."""
     i1, i2 = pair_indices(heldout.y, samples, seed)
     s1, s2 = heldout.subset(i1), heldout.subset(i2)
-    out = run_pairs(model, s1.x, s2.x, batch, device)
+    class_codes = None
+    if k_shot > 1:
+        _, codes = encode_all(model, heldout.x, batch * 2, device)
+        class_codes = tuple(codes[kshot_indices(heldout.y, i, k_shot, seed + j)].mean(1)
+                            for j, i in enumerate((i1, i2)))
+    out = run_pairs(model, s1.x, s2.x, batch, device, class_codes)
     m = reconstruction_metrics(out, s1.x, s2.x)
     m.update(swap_metrics(probes, out, s1.y, s2.y, num_classes))
     m["probe_class_acc"] = (probes.classify(heldout.x) == heldout.y).float().mean().item()
@@ -415,13 +448,15 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--no-probe-cache", action="store_true", help="always retrain the probes")
     p.add_argument("--json", metavar="OUT", help="also write the metrics as JSON")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k-shot", type=int, default=1, metavar="K",
+                   help="class codes averaged over K held-out images of the class (default: 1)")
     p.add_argument("--raw", action="store_true", help="use the raw generator instead of the EMA one")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return p
 
 
 def _check_args(a):
-    for name in ("samples", "probe_train", "probe_steps", "batch_size"):
+    for name in ("samples", "probe_train", "probe_steps", "batch_size", "k_shot"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
 
@@ -449,6 +484,7 @@ def main(argv=None) -> int:
             synthetic_classes=pick(args.synthetic_classes, "synthetic_classes", 8),
             synthetic_per_class=pick(args.synthetic_per_class, "synthetic_per_class", 256),
             resize_to=trainer.get("resize_to"), samples=args.samples, probe_train=args.probe_train)
+        check_k_shot(held.y, held.y, args.k_shot)  # before the probes train: a one-line error, not a traceback
     except (CheckpointError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -457,12 +493,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     probes = build_probes(train, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
     metrics = evaluate_model(gen, train, held, probes, num_classes, samples=args.samples, seed=args.seed,
-                             batch=args.batch_size, device=device)
-    log(f"evaluated {args.samples} pairs in {time.time() - t0:.1f}s")
+                             batch=args.batch_size, device=device, k_shot=args.k_shot)
+    log(f"evaluated {args.samples} pairs{f' ({args.k_shot}-shot)' if args.k_shot > 1 else ''} in "
+        f"{time.time() - t0:.1f}s")
     print(format_table(metrics))
     if args.json:
         report = {"source": args.checkpoint or args.funit, "data": data, "heldout": where,
                   "image_size": size, "num_classes": num_classes, "samples": args.samples, "seed": args.seed,
+                  "k_shot": args.k_shot,
                   "generator": "raw" if args.raw else "ema", "metrics": metrics}
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

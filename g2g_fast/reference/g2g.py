@@ -62,10 +62,17 @@ def _encode(model, x1, x2):
     return a[:n], a[n:], b[:n], b[n:]
 
 
-def disassemble(model, x1, x2, short: bool = False) -> G2GOutputs:
-    """Stage 1: encode both images, decode the two mixes (and the short reconstructions)."""
+def disassemble(model, x1, x2, short: bool = False, class_codes=None) -> G2GOutputs:
+    """Stage 1: encode both images, decode the two mixes (and the short reconstructions).
+
+    `class_codes` (b1, b2): used instead of E_B(x1), E_B(x2) (K-shot evaluation: each the mean
+    of the class codes of K images of that image's class)."""
     n = x1.shape[0]
-    a1, a2, b1, b2 = _encode(model, x1, x2)
+    if class_codes is None:
+        a1, a2, b1, b2 = _encode(model, x1, x2)
+    else:
+        a = model.encode_content(torch.cat([x1, x2]))
+        (a1, a2), (b1, b2) = (a[:n], a[n:]), class_codes
     contents, classes = [a1, a2], [b2, b1]            # m1 = G(a1, b2), m2 = G(a2, b1)
     if short:
         contents, classes = contents + [a1, a2], classes + [b1, b2]   # s1 = G(a1, b1), s2 = G(a2, b2)
@@ -76,9 +83,10 @@ def disassemble(model, x1, x2, short: bool = False) -> G2GOutputs:
     return o
 
 
-def g2g_forward(model, x1, x2, short: bool = False) -> G2GOutputs:
-    """Both stages: disassembly (mixes, optional short reconstructions), then reassembly."""
-    o = disassemble(model, x1, x2, short=short)
+def g2g_forward(model, x1, x2, short: bool = False, class_codes=None) -> G2GOutputs:
+    """Both stages: disassembly (mixes, optional short reconstructions), then reassembly.
+    `class_codes`: see `disassemble` (stage 2 always encodes the mixes themselves)."""
+    o = disassemble(model, x1, x2, short=short, class_codes=class_codes)
     n = x1.shape[0]
     o.am1, o.am2, o.bm1, o.bm2 = _encode(model, o.m1, o.m2)
     # r1 takes m1's content (x1's) and m2's class (x1's); r2 the other way round.
