@@ -168,7 +168,7 @@ def plans(ctx, out: dict) -> None:
                 row = dict(shape=shape, plan=name)
                 try:
                     row["fwd_plan"] = tuple(KI.plan(inp["x"], target, inp["x"].element_size()))
-                    row["bwd_plan"] = tuple(KI.plan(inp["x"], target, 2 * inp["x"].element_size()))
+                    row["bwd_plan"] = tuple(KI.plan(inp["x"], target, 2 * inp["x"].element_size(), backward=True))
                     for mode in S.MODES:
                         ms = S.median_ms(S.make_step(fn, inp, mode, dy), ctx.dev, warmup=ctx.warmup,
                                          reps=ctx.reps, flush=flush)

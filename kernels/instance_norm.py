@@ -50,7 +50,10 @@ from ._utils import (Target, bchw_view, check_interpreter_loops, inner_dim, matc
 
 ACTS = {"none": 0, "relu": 1, "lrelu": 2}
 MAX_SPLITS = 64        # H*W chunks per (b, c) in the split path
-TWOPASS_TILE = 4096    # elements of one two-pass tile (8 warps): a loop body, not a whole row
+LOOP_TILE = 4096       # elements of one tile in a loop (split, two-pass): 8 warps, or 16 in the
+                       # two-pass kernels (one program per SM needs the warps; and at 8 warps
+                       # sm_80's ptxas spills the two-pass backward); a 16384 split tile spilled
+                       # at 16 warps (tests/test_kernels_compile.py)
 # Tests and benchmarks set these: FORCE_PLAN to plan()'s keyword arguments (e.g.
 # dict(kind="split", block_p=32, splits=3)) to force a path on small shapes, FORCE_TARGET to
 # plan for another machine (e.g. _utils.TARGETS["h100"]: a GPU's plans through the interpreter).
@@ -434,7 +437,7 @@ class Plan(NamedTuple):
     programs: int
 
 
-def plan(x: torch.Tensor, target: Target, reread_bytes: Optional[int] = None, *,
+def plan(x: torch.Tensor, target: Target, reread_bytes: Optional[int] = None, backward: bool = False, *,
          kind: Optional[str] = None, block_c: Optional[int] = None, block_p: Optional[int] = None,
          splits: Optional[int] = None, programs: Optional[int] = None) -> Plan:
     """The tiling of a launch on x for `target` (a pure function of shape, strides and target).
@@ -442,7 +445,9 @@ def plan(x: torch.Tensor, target: Target, reread_bytes: Optional[int] = None, *,
     reread_bytes: bytes per element that the two-pass plan reads twice (forward: x; backward:
     x and dy); it sizes the working set. The keyword arguments force a plan (tests, benchmarks).
 
-    Rules: a row (b, channel block) that fits `target.max_tile` is fused, unless B x C gives
+    Rules: a row (b, channel block) that fits `target.max_tile` (half of it in the backward,
+    which holds x, dy, xhat and dz: at the full tile ptxas used all 128 registers of 16 warps
+    and spilled at odd channel counts, see the compile gate) is fused, unless B x C gives
     fewer programs than SMs and the row is long (then cutting H*W fills the GPU). Otherwise, with
     at least one row per SM, two-pass: persistent programs, at least one per SM and more while
     the rows in flight fit in 3/4 of the L2, so the second read of each row hits L2 and the
@@ -453,23 +458,24 @@ def plan(x: torch.Tensor, target: Target, reread_bytes: Optional[int] = None, *,
     Channels_last rows are at least one 32-byte sector of channels wide (coalesced reads).
     """
     if FORCE_PLAN is not None and kind is None and block_p is None and splits is None:
-        return plan(x, target, reread_bytes, **FORCE_PLAN)
+        return plan(x, target, reread_bytes, backward, **FORCE_PLAN)
     B, C, H, W = x.shape
     P = H * W
     full_p = next_power_of_2(P)
     channels_inner = inner_dim(x) == "c"
+    fused_tile = target.max_tile // 2 if backward else target.max_tile
     sector_c = min(next_power_of_2(C), max(1, 32 // x.element_size()))
     if block_c is not None:
         BLOCK_C = block_c
     elif channels_inner:
         # Widest of 32 channels (>= 64 contiguous bytes) down to one sector that fits a tile.
         BLOCK_C = min(next_power_of_2(C), 32)
-        while BLOCK_C > sector_c and BLOCK_C * full_p > target.max_tile:
+        while BLOCK_C > sector_c and BLOCK_C * full_p > fused_tile:
             BLOCK_C //= 2
     else:
         BLOCK_C = 1 if P >= 256 else min(next_power_of_2(C), max(1, 256 // full_p))
     rows = B * triton.cdiv(C, BLOCK_C)
-    if kind is None and BLOCK_C * full_p <= target.max_tile and (rows >= target.sms or full_p <= 1024):
+    if kind is None and BLOCK_C * full_p <= fused_tile and (rows >= target.sms or full_p <= 1024):
         kind = "fused"
     if kind == "fused":
         return Plan("fused", BLOCK_C, full_p, 1, P, rows)
@@ -487,13 +493,13 @@ def plan(x: torch.Tensor, target: Target, reread_bytes: Optional[int] = None, *,
                 while BLOCK_C > min_c and target.sms * BLOCK_C * P * reread > budget:
                     BLOCK_C //= 2
             rows = B * triton.cdiv(C, BLOCK_C)
-        BLOCK_P = block_p or max(1, min(full_p, TWOPASS_TILE // BLOCK_C, max_block_p))
+        BLOCK_P = block_p or max(1, min(full_p, LOOP_TILE // BLOCK_C, max_block_p))
         if programs is None:
             programs = max(target.sms, budget // (BLOCK_C * P * reread))
         return Plan("twopass", BLOCK_C, BLOCK_P, 1, P, max(1, min(int(programs), rows)))
     if kind != "split":
         raise ValueError(f"adain: unknown plan kind {kind!r}")
-    BLOCK_P = block_p or max(1, min(full_p, target.max_tile // BLOCK_C, max_block_p))
+    BLOCK_P = block_p or max(1, min(full_p, LOOP_TILE // BLOCK_C, max_block_p))
     if splits is None:
         # Enough programs to fill every SM about twice, but chunks of at least 4 blocks.
         want = triton.cdiv(2 * target.sms, rows)
@@ -512,7 +518,15 @@ def _int64(*tensors: Optional[torch.Tensor]) -> bool:
     return needs_int64(*tensors) if FORCE_INT64 is None else FORCE_INT64
 
 
-def _warps(tile: int) -> int:
+def _warps(pl: Plan, backward: bool = False) -> int:
+    tile = pl.block_c * pl.block_p
+    if pl.kind == "twopass" and tile > 2048:
+        return 16
+    if backward and pl.kind == "fused" and 1024 < tile <= 2048 and pl.block_c <= 8:
+        # Not register pressure but ptxas 13's allocator (triton 3.9): an 8 x 256 backward tile
+        # spilled 8 bytes at 4 warps with 72 of 128 registers used (sm_90), a 32 x 64 one at 8
+        # warps with 40 (sm_80); each compiles clean at the other count (the compile gate).
+        return 8
     return 1 if tile <= 256 else 4 if tile <= 2048 else 8 if tile <= 4096 else 16
 
 
@@ -533,7 +547,7 @@ def adain_fwd(x, weight, bias, residual, act: str, slope: float, eps: float):
     int64 = _int64(x, y, residual, weight, bias, mean)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_R=residual is not None,
                  ACT=ACTS[act], BLOCK_C=pl.block_c, BLOCK_P=pl.block_p, INT64=int64,
-                 num_warps=_warps(pl.block_c * pl.block_p))
+                 num_warps=_warps(pl))
     args_w = (weight if weight is not None else dummy, bias if bias is not None else dummy,
               residual if residual is not None else dummy)
     if pl.kind == "fused":
@@ -577,11 +591,11 @@ def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float):
     db = torch.empty_like(dw)
     sx, sg = bchw_view(x), bchw_view(dx)
     sw, sb = _affine_strides(weight, B, C, "weight"), _affine_strides(bias, B, C, "bias")
-    pl = plan(x, _target(x), x.element_size() + dy.element_size())
+    pl = plan(x, _target(x), x.element_size() + dy.element_size(), backward=True)
     n_cblk = triton.cdiv(C, pl.block_c)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act],
                  BLOCK_C=pl.block_c, BLOCK_P=pl.block_p, INT64=_int64(x, dy, dx, weight, bias, mean),
-                 num_warps=_warps(pl.block_c * pl.block_p))
+                 num_warps=_warps(pl, backward=True))
     wb = (weight if weight is not None else mean, bias if bias is not None else mean)
     strides = (*sx, *sd, *sg, *sw, *sb)
     if pl.kind == "fused":

@@ -33,7 +33,7 @@ def meta(B, C, H, W, fmt):
 def fwd_bwd_plans(x, target):
     """(forward plan, backward plan): the backward re-reads x and dy (of x's dtype)."""
     e = x.element_size()
-    return K.plan(x, target, e), K.plan(x, target, 2 * e)
+    return K.plan(x, target, e), K.plan(x, target, 2 * e, backward=True)
 
 
 def ledger(pl, residual: bool, mode: str) -> int:
@@ -60,7 +60,7 @@ def test_gpu_plans_at_the_funit_shapes_are_at_the_fused_ledger(gpu):
                 if pl.kind == "twopass":
                     row_bytes = pl.block_c * H * W * reread * x.element_size()
                     assert pl.programs >= t.sms and t.sms * row_bytes <= t.l2_bytes * 3 // 4, where
-                    assert pl.block_p <= 1024 and pl.block_c * pl.block_p <= K.TWOPASS_TILE, where
+                    assert pl.block_p <= 1024 and pl.block_c * pl.block_p <= K.LOOP_TILE, where
                 if inner_dim(x) == "c":   # rows of >= 8 contiguous bytes (a full sector when fused)
                     assert pl.block_c * x.element_size() >= (32 if pl.kind == "fused" else 8), where
 
@@ -78,6 +78,11 @@ def test_plan_examples_h100():
     assert plans[512, "bf16-cl"][0] == K.Plan("fused", 32, 256, 1, 256, 64 * 16)
     for C, H, W in FUNIT_SHAPES:   # NCHW: one row per (b, c), always fused at these sizes
         assert plans[C, "fp32-nchw"][0] == K.Plan("fused", 1, H * W, 1, H * W, 64 * C)
+    # The backward fuses half the tile (it holds x, dy, xhat, dz): 16 x 1024 and 1 x 16384 rows
+    # take the two-pass path there, still at the fused ledger.
+    assert plans[256, "bf16-cl"][1] == K.Plan("twopass", 16, 256, 1, 1024, 600)
+    assert plans[64, "fp32-nchw"][1].kind == "twopass" and plans[128, "fp32-nchw"][1].kind == "fused"
+    assert plans[512, "bf16-cl"][1] == K.Plan("fused", 32, 256, 1, 256, 64 * 16)
     # Few rows of a long plane: H*W is split to fill 132 SMs (BLOCK_P 1024 on a GPU, 4096 in
     # the interpreter's own plan).
     x = meta(1, 2, 256, 256, "fp32-nchw")
