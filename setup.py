@@ -25,5 +25,7 @@ setup(
         # NVIDIA DALI GPU loader (optional). NVIDIA's fused-optimiser library is never declared: the PyPI
         # package of that name is an unrelated web toolkit (it is imported only if built from source).
         "dali": ['nvidia-dali-cuda130; platform_system == "Linux"'],
+        # Learning-curve PNGs (`python -m g2g_fast.plot`, the ablation's curves.png); optional.
+        "plot": ["matplotlib>=3.7"],
     },
 )

@@ -1,7 +1,10 @@
-"""`python -m g2g_fast.ablate`: the ablation the paper proposes for FUNIT2FUNIT (its Sec. VI).
+"""`python -m g2g_fast.ablate`: the ablation the paper proposes for FUNIT2FUNIT (its Sec. VI), with
+seeds; the same runner compares the three approaches or sweeps one setting.
 
     python -m g2g_fast.ablate --steps 150 --out runs/ablation
-    python -m g2g_fast.ablate --variants all_on,all_off --steps 2000 -- --set rl_w=0.1 --eval-every 500
+    python -m g2g_fast.ablate --seeds 3 --out runs/ablation -- --preset demo
+    python -m g2g_fast.ablate --approaches --seeds 3 --out runs/approaches -- --preset demo
+    python -m g2g_fast.ablate --sweep content_dim=0,16,4 --seeds 3 --out runs/content_code -- --preset demo
 
 The three losses G2G adds to FUNIT's are switched off (weight 0) in turn, plus all on and all off:
 
@@ -11,25 +14,34 @@ The three losses G2G adds to FUNIT's are switched off (weight 0) in turn, plus a
   no_mix_rec_fm   fml_mix_rec_w = 0   feature matching r_i vs the mix that carries its class
   all_off         all three 0
 
-Every variant trains with the same data, seed and steps (the trainer, into OUT/<variant>/); then
-the EMA generator of each last checkpoint is evaluated by `g2g_fast.evaluate` on the same held-out
-pairs with the same probes. Prints a markdown table and writes OUT/ablation.md, OUT/ablation.json,
-OUT/samples/<variant>.png (each variant's final sample grid) and OUT/samples.png (all variants,
-first pairs). A variant whose last checkpoint already has the steps is evaluated, not retrained;
-one with fewer steps is resumed (exactly). Trainer flags after `--` go to every variant.
+`--approaches` runs funit2funit, cyclefunit and naive instead; `--sweep KEY=V1,V2,...` one variant
+per value of a setting (`--set KEY=V`, FUNIT2FUNIT unless `--approach`). Every variant trains with
+the same data, seed(s) and steps (the trainer, into OUT/<variant>/, or OUT/<variant>/seed_<s>/ with
+`--seeds N`, the seeds --seed, --seed + 1, ...); then the EMA generator of each last checkpoint is
+evaluated by `g2g_fast.evaluate` on the same held-out pairs with the same probes. Prints a markdown
+table (with seeds: mean ± sample standard deviation per metric) and the comparison with the first
+variant (all_on) against the seed-to-seed spread, and writes OUT/ablation.md, OUT/ablation.json,
+OUT/curves.png (the --eval-every curves, one per variant: mean over seeds, min-max band; needs
+matplotlib), OUT/samples/<variant>.png (each variant's final sample grid, first seed) and
+OUT/samples.png (all variants, first pairs). A run whose last checkpoint already has the steps is
+evaluated, not retrained; one with fewer steps is resumed (exactly). Trainer flags after `--` go
+to every variant.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from . import ablate_report as R
 from . import cpu_threads
 from . import evaluate as E
 from . import probes as P
@@ -44,13 +56,26 @@ ABLATED = {"rl_w": "long reconstruction L1", "fml_w": "long feature matching",
            "fml_mix_rec_w": "mix-reconstruction feature matching"}
 VARIANTS = {"all_on": [], "no_long_rec": ["rl_w"], "no_long_fm": ["fml_w"],
             "no_mix_rec_fm": ["fml_mix_rec_w"], "all_off": list(ABLATED)}
+APPROACHES = ("funit2funit", "cyclefunit", "naive")
 # Set by ablate itself (the same for every variant); not accepted after `--`.
 RESERVED = ("--approach", "--out", "--steps", "--seed", "--data", "--device", "--resume", "--overwrite",
             "--dry-run")
 # Trainer settings that define the data; a checkpoint trained with others is not this ablation's.
 DATA_KEYS = ("data", "data_format", "synthetic_classes", "synthetic_per_class", "resize_to")
 LOSS_KEYS = ("g_total", "g_adv", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total")
+# Loss panels of curves.png, where the runs have them
+CURVE_LOSSES = {"losses": ["g_total", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total"],
+                "approaches": ["g_total", "g_long", "d_total"],
+                "sweep": ["g_total", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total"]}
 GRID_PAIRS = 4  # pairs per variant in the combined samples.png
+
+
+@dataclass
+class Variant:
+    name: str
+    approach: str
+    sets: list[str] = field(default_factory=list)  # KEY=VALUE for the trainer's --set, after the passthrough flags
+    off: list[str] = field(default_factory=list)   # the loss ablation: the weights set to 0
 
 
 def build_parser() -> OneLineErrorParser:
@@ -59,9 +84,21 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--steps", type=int, help="training steps of every variant (default: the preset's, 300 on CPU)")
     p.add_argument("--out", default="runs/ablation", help="output folder (default: runs/ablation)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder (default: synthetic)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every variant's training and of the evaluation (default: 0)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every variant's training (with --seeds: the first) and of the evaluation (default: 0)")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="train every variant with N seeds (--seed, --seed + 1, ...) into OUT/<variant>/seed_<s>/ and "
+                        "report mean and spread over them (default: one seed, into OUT/<variant>/)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--approaches", action="store_true",
+                      help=f"compare the approaches ({', '.join(APPROACHES)}) instead of the loss ablation")
+    mode.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                      help="one variant per value of a setting (--set KEY=V), e.g. content_dim=0,16,4; the "
+                           "first value is the baseline of the comparison")
+    p.add_argument("--approach", choices=APPROACHES,
+                   help="approach of a --sweep (default: funit2funit; the loss ablation is FUNIT2FUNIT's)")
+    p.add_argument("--variants", help=f"comma-separated subset of the variants (loss ablation: {', '.join(VARIANTS)}; "
+                                      f"default: all)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device (default: auto)")
     p.add_argument("--samples", type=int, default=256, help="held-out pairs evaluated per variant (default: 256)")
     p.add_argument("--probe-train", type=int, default=2048, help="training images for the probes (default: 2048)")
@@ -72,14 +109,57 @@ def build_parser() -> OneLineErrorParser:
     return p
 
 
-def variant_argv(args, variant: str, passthrough: list[str]) -> list[str]:
-    argv = ["--approach", "funit2funit", "--out", str(Path(args.out) / variant), "--seed", str(args.seed),
+def mode_of(args) -> str:
+    return "approaches" if args.approaches else "sweep" if args.sweep is not None else "losses"
+
+
+def build_variants(args) -> dict[str, Variant]:
+    """The variants of the mode, narrowed to --variants; UsageError on a bad --sweep or name."""
+    mode = mode_of(args)
+    if mode == "losses":
+        if args.approach not in (None, "funit2funit"):
+            raise UsageError(f"--approach {args.approach}: the loss ablation switches FUNIT2FUNIT's losses off; "
+                             f"--approach is for --sweep (--approaches compares the approaches)")
+        variants = {v: Variant(v, "funit2funit", [f"{k}=0" for k in off], list(off)) for v, off in VARIANTS.items()}
+    elif mode == "approaches":
+        if args.approach is not None:
+            raise UsageError("--approach with --approaches: --approaches runs every approach")
+        variants = {a: Variant(a, a) for a in APPROACHES}
+    else:
+        key, _, values = args.sweep.partition("=")
+        key, values = key.strip(), [v.strip() for v in values.split(",")]
+        if not key or not all(values) or len(set(values)) != len(values):
+            raise UsageError(f"--sweep {args.sweep}: expected KEY=V1,V2,... with distinct values, e.g. "
+                             f"content_dim=0,16,4")
+        variants = {f"{key}_{v}": Variant(f"{key}_{v}", args.approach or "funit2funit", [f"{key}={v}"])
+                    for v in values}
+    if args.variants is None:
+        return variants
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in variants]
+    if unknown or not names:
+        raise UsageError(f"--variants {args.variants}: unknown {', '.join(unknown) or 'empty list'}; "
+                         f"choose from {', '.join(variants)}")
+    return {v: variants[v] for v in names}
+
+
+def seeds_of(args) -> list[int]:
+    return [args.seed + i for i in range(args.seeds or 1)]
+
+
+def run_dir(args, variant: str, seed: int) -> Path:
+    """OUT/<variant> (one seed, as before --seeds existed), OUT/<variant>/seed_<s> with --seeds."""
+    return Path(args.out) / variant if args.seeds is None else Path(args.out) / variant / f"seed_{seed}"
+
+
+def variant_argv(args, variant: Variant, seed: int, passthrough: list[str]) -> list[str]:
+    argv = ["--approach", variant.approach, "--out", str(run_dir(args, variant.name, seed)), "--seed", str(seed),
             "--data", args.data, "--device", args.device]
     if args.steps is not None:
         argv += ["--steps", str(args.steps)]
     argv += passthrough  # after ablate's flags; the variant's --set goes last and wins
-    for key in VARIANTS[variant]:
-        argv += ["--set", f"{key}=0"]
+    for item in variant.sets:
+        argv += ["--set", item]
     return argv
 
 
@@ -91,7 +171,7 @@ def check_passthrough(passthrough: list[str]) -> None:
                              "one that has none; to start over, use another --out or delete it")
         if flag in RESERVED:
             raise UsageError(f"{flag} after `--`: ablate sets it for every variant; give it before `--` "
-                             f"(ablate has --out, --steps, --seed, --data, --device) or drop it")
+                             f"(ablate has --out, --steps, --seed, --seeds, --data, --device, --approach) or drop it")
 
 
 def parse_train_args(argv: list[str]):
@@ -157,67 +237,42 @@ def combined_grid(grids: dict[str, Path], image_size: int, out: Path) -> None:
     os.replace(tmp, out)
 
 
-# ---- the report -------------------------------------------------------------------------------------
-
-COLUMNS = [("short L1", "recon_short_l1"), ("long L1", "recon_long_l1"), ("long PSNR", "recon_long_psnr"),
-           ("swap acc", "swap_acc"), ("kept acc", "swap_kept_acc"), ("content err", "content_error"),
-           ("leak class<-content", "leak_class_from_content_acc"),
-           ("leak factors<-class R2", "leak_factors_from_class_r2")]
-LOSS_COLUMNS = [("g_long", "g_long"), ("g_fm_long", "g_fm_long"), ("g_fm_mix_rec", "g_fm_mix_rec")]
-
-
-def format_report(report: dict) -> str:
-    head = ["variant", "off"] + [c for c, _ in COLUMNS] + [c for c, _ in LOSS_COLUMNS] + ["train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, v in report["variants"].items():
-        m, loss = v.get("metrics") or {}, v.get("final_losses") or {}
-        cells = [name, ", ".join(v["off"]) or "-"]
-        cells += ([E.fmt_value(m.get(k)) for _, k in COLUMNS] if v["status"] == "ok"
-                  else [v["status"]] + ["-"] * (len(COLUMNS) - 1))
-        cells += [E.fmt_value(loss.get(k)) for _, k in LOSS_COLUMNS]
-        cells.append(f"{v['train_s']:.0f}" if v.get("train_s") is not None else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
-    ref = report.get("reference") or {}
-    lines += ["", f"{report['steps']} steps per variant, seed {report['seed']}, {report['image_size']}x"
-              f"{report['image_size']}, data {report['data']} ({report['heldout']}, {report['samples']} pairs); "
-              f"EMA generators. Chance: swap and class-leak accuracy {E.fmt_value(ref.get('swap_chance'))}; "
-              f"probes on real images: class accuracy {E.fmt_value(ref.get('probe_class_acc'))}, content error "
-              f"{E.fmt_value(ref.get('probe_content_error'))}. Loss columns: each unweighted term's mean over the "
-              f"last tenth of training (computed also when its weight is 0). train s: wall time of the "
-              f"variant's training, the first one's includes one-time start-up."]
-    return "\n".join(lines)
-
-
 # ---- the three phases: plan (checks everything), train, evaluate --------------------------------
 
-def plan_variants(args, names: list[str], passthrough: list[str]) -> dict:
-    """-> {variant: its trainer argv, resolved settings and checkpoint state}; every variant is
+def plan_variants(args, variants: dict[str, Variant], passthrough: list[str]) -> dict:
+    """-> {(variant, seed): its trainer argv, resolved settings and checkpoint state}; every run is
     resolved, and so checked, before anything trains."""
     check_passthrough(passthrough)
     plans = {}
-    for v in names:
-        vargv = variant_argv(args, v, passthrough)
-        cfg, opts, _ = resolve(parse_train_args(vargv), None, torch.cuda.is_available())
-        ckpt = Path(opts.out) / "checkpoints" / "last.pt"
-        plans[v] = SimpleNamespace(argv=vargv, cfg=cfg, opts=opts, ckpt=ckpt, done=checkpoint_state(ckpt, cfg, opts, v))
+    for v in variants.values():
+        for seed in seeds_of(args):
+            name = v.name if args.seeds is None else f"{v.name}/seed_{seed}"
+            vargv = variant_argv(args, v, seed, passthrough)
+            try:
+                cfg, opts, _ = resolve(parse_train_args(vargv), None, torch.cuda.is_available())
+            except UsageError as e:
+                raise UsageError(f"variant {v.name}: {e}" if mode_of(args) != "losses" else str(e)) from None
+            ckpt = Path(opts.out) / "checkpoints" / "last.pt"
+            plans[v.name, seed] = SimpleNamespace(variant=v, seed=seed, name=name, argv=vargv, cfg=cfg, opts=opts,
+                                                  ckpt=ckpt, done=checkpoint_state(ckpt, cfg, opts, name))
     return plans
 
 
 def train_variants(plans: dict, log) -> dict | int:
-    """Train (or resume) what is not done -> {variant: (status, train seconds)}, or the trainer's
-    exit code when the whole ablation must stop."""
+    """Train (or resume) what is not done -> {(variant, seed): (status, train seconds)}, or the
+    trainer's exit code when the whole ablation must stop."""
     from .train import main as train_main
     status = {}
-    for i, (v, plan) in enumerate(plans.items()):
+    for i, (key, plan) in enumerate(plans.items()):
         run_file = Path(plan.opts.out) / "ablation_run.json"
         prev = json.loads(run_file.read_text()) if run_file.is_file() and plan.done else {}  # none: from scratch
-        where = f"variant {v} ({i + 1}/{len(plans)})"
+        where = f"variant {plan.name} ({i + 1}/{len(plans)})"
         if plan.done == plan.opts.steps:
             log(f"{where}: done at step {plan.done}, evaluating only")
-            status[v] = ("ok", prev.get("train_s"))
+            status[key] = ("ok", prev.get("train_s"))
             continue
         log(f"{where}: training {plan.opts.steps} steps" + (f", resuming at step {plan.done}" if plan.done else "")
-            + (f" with {', '.join(f'{k}=0' for k in VARIANTS[v])}" if VARIANTS[v] else ""))
+            + (f" with {', '.join(plan.variant.sets)}" if plan.variant.sets else ""))
         t0 = time.time()
         # No checkpoint yet: what an earlier attempt left there (config, metrics) is replaced.
         code = train_main(plan.argv + (["--resume"] if plan.done else ["--overwrite"]))
@@ -225,51 +280,105 @@ def train_variants(plans: dict, log) -> dict | int:
             return code
         train_s = time.time() - t0 + (prev.get("train_s") or 0.0)
         run_file.write_text(json.dumps({"argv": plan.argv, "train_s": train_s}, indent=2))
-        status[v] = ("ok" if code == 0 else f"failed (exit {code})", train_s)  # e.g. a non-finite loss
+        status[key] = ("ok" if code == 0 else f"failed (exit {code})", train_s)  # e.g. a non-finite loss
     return status
 
 
 def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
-    """Evaluate every trained variant on the same held-out pairs with the same probes; copy the
-    sample grids -> the report (see ablation.json)."""
+    """Evaluate every trained run on the same held-out pairs with the same probes (those of the
+    base seed's data, whatever seed a run trained with); copy the sample grids -> the report (see
+    ablation.json)."""
     from .translate import load_generator
     first = next(iter(plans.values()))
-    cfg, opts = first.cfg, first.opts
+    opts = first.opts
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    train_set, held, num_classes, identity, where = E.prepare_data(
-        opts.data, data_format=opts.data_format, image_size=cfg.image_size, seed=cfg.seed,
-        synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
-        resize_to=opts.resize_to, samples=args.samples, probe_train=args.probe_train)
-    cache = None if args.no_probe_cache else (args.probe_cache or P.default_cache_dir())
-    probes = E.build_probes(train_set, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
-    report = {"steps": opts.steps, "seed": args.seed, "data": opts.data, "image_size": cfg.image_size,
-              "heldout": where, "samples": args.samples,
+    prepared = {}  # image size -> (train set, held-out set, classes, probes, where): one per size
+
+    def data_for(size):
+        if size not in prepared:
+            train_set, held, num_classes, identity, where = E.prepare_data(
+                opts.data, data_format=opts.data_format, image_size=size, seed=args.seed,
+                synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
+                resize_to=opts.resize_to, samples=args.samples, probe_train=args.probe_train)
+            cache = None if args.no_probe_cache else (args.probe_cache or P.default_cache_dir())
+            probes = E.build_probes(train_set, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
+            prepared[size] = (train_set, held, num_classes, probes, where)
+        return prepared[size]
+
+    data_for(first.cfg.image_size)
+    steps = {plan.opts.steps for plan in plans.values()}  # one number, unless a sweep of steps
+    report = {"mode": mode_of(args), "steps": steps.pop() if len(steps) == 1 else None, "seed": args.seed,
+              "data": opts.data,
+              "image_size": first.cfg.image_size, "heldout": prepared[first.cfg.image_size][4],
+              "samples": args.samples,
               "device": device.type + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                        else f" ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"),
               "variants": {}}
+    if args.seeds is not None:
+        report["seeds"] = seeds_of(args)
     grids = {}
-    for v, plan in plans.items():
-        st, train_s = status[v]
-        entry = {"off": VARIANTS[v], "weights": {k: getattr(plan.cfg, k) for k in ABLATED}, "status": st,
-                 "train_s": train_s, "metrics": None,
-                 "final_losses": final_losses(Path(plan.opts.out) / "metrics.jsonl")}
+    for (v, seed), plan in plans.items():
+        st, train_s = status[v, seed]
+        run = {"seed": seed, "dir": str(plan.opts.out), "status": st, "train_s": train_s, "metrics": None,
+               "final_losses": final_losses(Path(plan.opts.out) / "metrics.jsonl")}
         if st == "ok":
+            train_set, held, num_classes, probes, _ = data_for(plan.cfg.image_size)
             gen, _ = load_generator(SimpleNamespace(funit=None, checkpoint=str(plan.ckpt), raw=False, image_size=None))
-            entry["metrics"] = E.evaluate_model(gen.to(device), train_set, held, probes, num_classes,
-                                                samples=args.samples, seed=args.seed, device=device)
-            (Path(plan.opts.out) / "eval.json").write_text(json.dumps(entry["metrics"], indent=2))
+            run["metrics"] = E.evaluate_model(gen.to(device), train_set, held, probes, num_classes,
+                                              samples=args.samples, seed=args.seed, device=device)
+            (Path(plan.opts.out) / "eval.json").write_text(json.dumps(run["metrics"], indent=2))
             grid = Path(plan.opts.out) / "samples" / f"step_{plan.opts.steps:07d}.png"
-            if grid.is_file():
+            if grid.is_file() and v not in grids:  # the first seed's grid
                 grids[v] = out / "samples" / f"{v}.png"
                 grids[v].parent.mkdir(exist_ok=True)
                 shutil.copyfile(grid, grids[v])
-            report.setdefault("reference", {k: entry["metrics"][k] for k in
+            report.setdefault("reference", {k: run["metrics"][k] for k in
                                             ("swap_chance", "probe_class_acc", "probe_content_error")})
-        report["variants"][v] = entry
+        entry = report["variants"].setdefault(v, {
+            "approach": plan.variant.approach, "set": plan.variant.sets, "off": plan.variant.off,
+            "steps": plan.opts.steps,
+            **({"weights": {k: getattr(plan.cfg, k) for k in ABLATED}} if hasattr(plan.cfg, "rl_w") else {}),
+            "runs": {}})
+        entry["runs"][str(seed)] = run
+    for entry in report["variants"].values():
+        runs = list(entry["runs"].values())
+        failed = [r["status"] for r in runs if r["status"] != "ok"]
+        entry["status"] = "ok" if not failed else failed[0] if len(runs) == 1 else \
+            f"{len(failed)}/{len(runs)} runs failed"
+        entry["metrics"], entry["stats"], entry["final_losses"] = R.variant_stats(entry["runs"])
+        times = [r["train_s"] for r in runs if r["train_s"] is not None]
+        entry["train_s"] = sum(times) / len(times) if times else None  # per run
     if grids:
-        combined_grid(grids, cfg.image_size, out / "samples.png")
+        size = first.cfg.image_size
+        combined_grid({v: p for v, p in grids.items() if plans[v, seeds_of(args)[0]].cfg.image_size == size},
+                      size, out / "samples.png")
     return report
+
+
+def write_curves(args, plans: dict, out: Path, log) -> str | None:
+    """OUT/curves.png: the --eval-every curves of every run, one curve per variant (mean over its
+    seeds, min-max band) -> its name, or None (logged why) without matplotlib or evaluation rows."""
+    from . import plot
+    runs, labels = [], []
+    for (v, _), plan in plans.items():
+        try:
+            runs.append(plot.read_run(plan.opts.out))
+            labels.append(v)
+        except plot.PlotError:  # no --eval-every rows (or no metrics): not drawn
+            pass
+    if not runs:
+        log("no curves.png: the runs have no evaluation rows (pass -- --eval-every N, or --preset demo)")
+        return None
+    have = plot.loss_keys(runs)
+    try:
+        plot.plot_runs([r.path for r in runs], out / "curves.png", labels,
+                       [k for k in CURVE_LOSSES[mode_of(args)] if k in have],
+                       title=f"python -m g2g_fast.ablate ({mode_of(args)}): held-out evaluation during training")
+    except plot.PlotError as e:  # matplotlib missing: everything else is written
+        log(f"no curves.png: {e}")
+        return None
+    return "curves.png"
 
 
 def main(argv=None) -> int:
@@ -280,22 +389,22 @@ def main(argv=None) -> int:
     t_start = time.time()
     threads = cpu_threads.setup(log)  # once for every variant's training and evaluation in this process
     try:
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in names if v not in VARIANTS]
-        if unknown or not names:
-            raise UsageError(f"--variants {args.variants}: unknown {', '.join(unknown) or 'empty list'}; "
-                             f"choose from {', '.join(VARIANTS)}")
         for name in ("samples", "probe_train", "probe_steps"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-        plans = plan_variants(args, names, passthrough)
+        if args.seeds is not None and args.seeds < 1:
+            raise UsageError(f"--seeds must be a positive integer, got {args.seeds}")
+        variants = build_variants(args)
+        plans = plan_variants(args, variants, passthrough)
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log(threads)
+    if importlib.util.find_spec("matplotlib") is None:
+        log('note: matplotlib is not installed, so there will be no curves.png (pip install -e ".[plot]")')
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    trained = [v for v, plan in plans.items() if plan.done < plan.opts.steps]
+    trained = [plan.name for plan in plans.values() if plan.done < plan.opts.steps]
     status = train_variants(plans, log)
     if isinstance(status, int):
         return status
@@ -304,14 +413,19 @@ def main(argv=None) -> int:
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    report["figure"] = write_curves(args, plans, out, log)
+    report["comparison"] = R.comparison(report, report["mode"])
+    report["answer"] = R.answer(report, report["mode"], ABLATED, {v: e["off"] for v, e in report["variants"].items()})
+    report["targets"] = R.targets(report)
     # wall_s: this invocation (training of `trained_now` and every evaluation)
     report = {"command": "python -m g2g_fast.ablate " + " ".join(argv), **report, "trained_now": trained,
               "wall_s": time.time() - t_start}
-    table = format_report(report)
+    table = R.format_report(report)
     print(table)
     (out / "ablation.md").write_text(table + "\n")
     (out / "ablation.json").write_text(json.dumps(report, indent=2))
-    log(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and the samples; {report['wall_s']:.0f}s in all")
+    log(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}"
+        + (f", {out / 'curves.png'}" if report["figure"] else "") + f" and the samples; {report['wall_s']:.0f}s in all")
     return 0 if all(st == "ok" for st, _ in status.values()) else 1
 
 

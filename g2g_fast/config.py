@@ -45,12 +45,16 @@ class FunitArchConfig(BaseConfig):
     n_mlp_blks: int = 3          # linear layers in that MLP
     n_downs_content: int = 3     # content code at H/8 x W/8 (CycleFUNIT may use 4 or 5)
     n_downs_class: int = 4       # stride-2 convs in the class encoder
+    content_dim: int = 0         # channels of the content code: 0 = the encoder's width (nf * 2**n_downs_content,
+                                 # FUNIT); k > 0 adds a linear 1x1 conv to k channels at the encoder's end and one
+                                 # back at the decoder's start: a smaller content code (the paper's outlook)
     init_funit: str | None = None  # official FUNIT generator file for the initial G (D stays fresh)
     init_funit_key: str = "auto"  # which generator of that file: "auto" (as the original: G <- "gen", the EMA
                                   # <- "gen_test"; a file with one of them: that one for both), "gen", "gen_test"
 
     def arch_kwargs(self) -> dict[str, int]:
-        names = ("nf", "n_res_blks", "nf_mlp", "latent_dim", "n_mlp_blks", "n_downs_content", "n_downs_class")
+        names = ("nf", "n_res_blks", "nf_mlp", "latent_dim", "n_mlp_blks", "n_downs_content", "n_downs_class",
+                 "content_dim")
         return {n: getattr(self, n) for n in names}
 
     def validate(self) -> None:
@@ -60,6 +64,9 @@ class FunitArchConfig(BaseConfig):
         if self.n_downs_class < 2:
             raise ValueError(f"n_downs_class must be >= 2 (the class encoder's first two downsamplings are "
                              f"fixed), got {self.n_downs_class}")
+        if self.content_dim and self.init_funit:
+            raise ValueError("content_dim > 0 adds two 1x1 convs that an official FUNIT generator file does not "
+                             "have; use init_funit with content_dim=0, or train from scratch")
         if self.image_size % 2 ** max(self.n_downs_content, self.n_downs_class):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2**n_downs "
                              f"({2 ** max(self.n_downs_content, self.n_downs_class)})")
@@ -141,7 +148,7 @@ class NaiveConfig(BaseConfig):
 
 _AT_LEAST_1 = ("image_size", "batch_size", "nf", "nf_mlp", "latent_dim", "dis_nf", "patch_nf", "code_dim",
                "gen_channels")
-_NON_NEGATIVE = ("seed", "n_res_blks", "n_downs_content", "identity_warmup_steps", "weight_decay",
+_NON_NEGATIVE = ("seed", "n_res_blks", "n_downs_content", "content_dim", "identity_warmup_steps", "weight_decay",
                  # loss weights: 0 switches a term off, a negative weight would reward the error
                  "gan_w", "r_w", "fm_rec_w", "fm_w", "rl_w", "fml_w", "fml_mix_rec_w", "r1_w", "alpha_long",
                  "alpha_short", "gamma_content", "gamma_class", "delta_gan", "delta_identity", "gamma")

@@ -1,8 +1,8 @@
 """Command-line options of `python -m g2g_fast.train`, presets, and how they resolve.
 
-Precedence, lowest first: the preset for the device (or, on --resume, the checkpoint's own
-settings) < `--config FILE` < explicit flags < `--set key=value`. Every flag defaults to None here
-so that "given on the command line" can be told apart from "default".
+Precedence, lowest first: the preset (`--preset`, else the one for the device; on --resume, the
+checkpoint's own settings) < `--config FILE` < explicit flags < `--set key=value`. Every flag
+defaults to None here so that "given on the command line" can be told apart from "default".
 """
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "naive": dict(code_dim=64, gen_channels=64),
     },
     "gpu": {"trainer": {}, "common": {}, "funit2funit": {}, "cyclefunit": {}, "naive": {}},
+    # "demo" (`--preset demo`, issue 15): small images, widths and schedule for a run that shows the
+    # class swap within 10 minutes on 2 CPU cores, with learning curves (--eval-every). A FIRST
+    # GUESS, not yet measured against the targets (docs/demo_search.md holds the search): the cpu
+    # preset's widths at 32x32, ~0.4 s per step and ~3 s per evaluation on one busy core, so
+    # 1400 steps + 8 evaluations fit in 10 minutes.
+    "demo": {
+        "trainer": dict(steps=1400, sample_every=200, ckpt_every=200, log_every=20, eval_every=200),
+        "common": dict(image_size=32, batch_size=8),
+        "funit2funit": dict(nf=8, nf_mlp=64, latent_dim=16, dis_nf=8, dis_n_res_blks=6,
+                            ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4),
+        "cyclefunit": dict(nf=8, nf_mlp=64, latent_dim=16, patch_nf=16, ema_beta=0.99),
+        "naive": dict(code_dim=64, gen_channels=64),
+    },
 }
 
 # CLI flag -> (where it goes, key). "cfg" keys belong to the approach config.
@@ -103,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--approach", choices=sorted(CONFIGS), help="which G2G approach (default: funit2funit)")
+    a("--preset", choices=sorted(PRESETS), help="the embedded defaults that flags, --config and --set "
+      "override: cpu (small, minutes on a CPU), gpu (the paper's configuration), demo (32x32 with "
+      "--eval-every curves, sized for about 10 minutes on 2 CPU cores; docs/demo_search.md) (default: "
+      "gpu with a CUDA GPU, else cpu; with --resume the checkpoint's settings replace the preset)")
     a("--data", help=f"'synthetic' or a dataset folder (default: {d.data})")
     a("--data-format", choices=["auto", "folder", "celeba"], help=f"dataset layout (default: {d.data_format})")
     a("--image-size", type=int, help="training crop in pixels (default: 128 on GPU, 64 on the CPU preset)")
@@ -190,7 +207,7 @@ def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
         approach = args.approach or "funit2funit"
         device = args.device or "auto"
         on_gpu = device == "cuda" or (device == "auto" and cuda_available)
-        preset = "gpu" if on_gpu else "cpu"
+        preset = args.preset or ("gpu" if on_gpu else "cpu")
         p = PRESETS[preset]
         cfg_values = {**p["common"], **p[approach]}
         trainer = dict(p["trainer"])

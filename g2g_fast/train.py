@@ -254,10 +254,12 @@ def setup(argv):
     log.info("preset %s | approach %s | %s, %d classes, %d images | %dx%d, batch %d | %s %s %s",
              preset, cfg.approach, opts.data, dataset.num_classes, len(dataset), cfg.image_size,
              cfg.image_size, cfg.batch_size, device, opts.precision, opts.backend)
-    if preset == "cpu":
+    if preset == "cpu" and args.preset is None:
         log.info("no CUDA GPU: using the small CPU preset (reduced widths, %dx%d, batch %d); "
                  "on a GPU the default is the paper's configuration", cfg.image_size, cfg.image_size,
                  cfg.batch_size)
+    if args.preset is not None and ckpt is not None:
+        log.info("--preset %s with --resume: the checkpoint's settings replace the preset", args.preset)
     stream = build_stream(opts.loader, dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
                           device=device, workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size)
     if ctx.is_main:  # every check passed: --overwrite's removal, metrics back to the resumed step

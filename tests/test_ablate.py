@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from g2g_fast import ablate as A
+from g2g_fast import ablate_report as R
 from g2g_fast.checkpoint import load_checkpoint
 from g2g_fast.config import Funit2FunitConfig
 from g2g_fast.evaluate import METRIC_KEYS
@@ -74,10 +75,99 @@ def test_variants_train_evaluate_report_and_resume(tmp_path, capsys):
     ([], ["--no-such-flag"], "trainer flags after `--`: unrecognized arguments: --no-such-flag"),
     ([], ["--set", "no_such_key=1"], "no_such_key"),
     (["--samples", "0"], TRAIN_FLAGS, "--samples"),
+    (["--seeds", "0"], TRAIN_FLAGS, "--seeds must be a positive integer, got 0"),
+    (["--approach", "naive"], TRAIN_FLAGS, "--approach naive: the loss ablation switches FUNIT2FUNIT's losses off"),
+    (["--approaches", "--approach", "naive"], [], "--approach with --approaches"),
+    (["--approaches", "--sweep", "nf=8,16"], TRAIN_FLAGS, "not allowed with argument"),
+    (["--approaches", "--variants", "naive,funit2funit2"], [], "--variants .*funit2funit2.*choose from funit2funit, "
+                                                             "cyclefunit, naive"),
+    (["--sweep", "content_dim"], TRAIN_FLAGS, "--sweep content_dim: expected KEY=V1,V2"),
+    (["--sweep", "content_dim=2,2"], TRAIN_FLAGS, "--sweep content_dim=2,2: expected KEY=V1,V2,... with distinct"),
+    (["--sweep", "no_such=1,2"], TRAIN_FLAGS, "variant no_such_1: --set no_such=1: unknown key 'no_such'"),
+    (["--sweep", "content_dim=-1"], TRAIN_FLAGS,
+     "variant content_dim_-1: --set content_dim=-1: content_dim must be >= 0"),
+    (["--approaches"], ["--set", "nf=8"], "variant naive: --set nf=8: unknown key 'nf'"),
 ])
 def test_bad_input_is_one_line_before_any_training(tmp_path, capsys, extra, train_flags, pattern):
     args = ["--out", str(tmp_path / "abl"), "--device", "cpu", *extra, "--", *train_flags]
-    assert A.main(args) == 2
+    try:
+        code = A.main(args)
+    except SystemExit as e:  # argparse's own errors (one line too: OneLineErrorParser)
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and re.search(pattern, err), err
     assert not (tmp_path / "abl").exists()
+
+
+# ---- the report: statistics over seeds and the plain-words answer, from given numbers ------------
+
+def fake_report(swap: dict, content: dict | None = None) -> dict:
+    """A report whose variants' runs have the given swap accuracies (and content errors) per seed."""
+    variants = {}
+    for v, values in swap.items():
+        runs = {str(i): {"status": "ok", "train_s": 100.0 + i, "final_losses": {"g_long": 0.5},
+                         "metrics": {**{k: 0.2 for k in METRIC_KEYS}, "swap_acc": a, "swap_kept_acc": 0.01,
+                                     "content_error": (content or {}).get(v, [0.3] * len(values))[i],
+                                     "content_mae": {"cx": float(i)}}}
+                for i, a in enumerate(values)}
+        variants[v] = {"off": A.VARIANTS.get(v, []), "approach": "funit2funit", "set": [], "runs": runs,
+                       "status": "ok", "train_s": 100.0}
+        variants[v]["metrics"], variants[v]["stats"], variants[v]["final_losses"] = R.variant_stats(runs)
+    n = len(next(iter(swap.values())))
+    return {"mode": "losses", "steps": 10, "seed": 0, "seeds": list(range(n)), "data": "synthetic",
+            "image_size": 32, "heldout": "test", "samples": 16, "variants": variants}
+
+
+def answer_of(report, mode="losses"):
+    report["comparison"] = R.comparison(report, mode)
+    return R.answer(report, mode, A.ABLATED, {v: e["off"] for v, e in report["variants"].items()})
+
+
+def test_statistics_over_seeds():
+    s = R.summarize([0.5, 0.6, 0.7, None])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)  # sample std (n - 1)
+    assert (s["min"], s["max"], s["n"]) == (0.5, 0.7, 3)
+    assert R.summarize([0.4])["std"] is None and R.summarize([None]) is None
+    report = fake_report({"all_on": [0.5, 0.6, 0.7]})
+    entry = report["variants"]["all_on"]
+    assert entry["metrics"]["swap_acc"] == pytest.approx(0.6) and entry["metrics"]["content_mae"] == {"cx": 1.0}
+    assert entry["stats"]["swap_acc"]["std"] == pytest.approx(0.1) and "content_mae" not in entry["stats"]
+    assert entry["final_losses"] == {"g_long": 0.5}
+
+
+def test_answer_says_which_loss_changes_what_beyond_the_spread():
+    report = fake_report({"all_on": [0.5, 0.6, 0.7], "no_long_rec": [0.9, 0.95, 1.0], "no_long_fm": [0.55, 0.65, 0.7]},
+                         content={"no_long_fm": [0.3, 0.9, 1.8]})
+    lines = answer_of(report)
+    rows = {(r["variant"], r["metric"]): r for r in report["comparison"]["rows"]}
+    big, small = rows["no_long_rec", "swap_acc"], rows["no_long_fm", "swap_acc"]
+    assert big["delta"] == pytest.approx(0.35) and big["spread"] == pytest.approx(0.1) and big["exceeds"]
+    assert small["delta"] == pytest.approx(1.9 / 3 - 0.6) and not small["exceeds"]
+    # content error: +0.7 on average, but the spread of no_long_fm's seeds (0.755) is larger
+    assert rows["no_long_fm", "content_error"]["delta"] == pytest.approx(0.7)
+    assert rows["no_long_fm", "content_error"]["spread"] == pytest.approx(0.57 ** 0.5)
+    assert not rows["no_long_fm", "content_error"]["exceeds"]
+    assert lines[0].startswith("**Does any of G2G's three losses change swap accuracy, content error or leakage")
+    assert "Yes: removing long reconstruction L1 (no_long_rec) changes swap acc." in lines[0]
+    assert "no_long_fm" not in lines[0]
+    effects = ("- without long feature matching (fml_w), no_long_fm vs all_on: swap acc +0.033 (spread 0.100: within); "
+               "content err +0.700 (spread 0.755: within)")
+    assert any(ln.startswith(effects) for ln in lines), lines
+    table = R.format_report({**report, "answer": lines, "targets": R.targets(report)})
+    assert "| all_on | - | 0.2000 ± 0.0000 |" in table and "0.6000 ± 0.1000" in table
+    assert "no_long_rec 3/3 (3 within 10 min)" in table and "all_on 0/3" in table  # swap >= 0.85 and fast
+
+
+def test_answer_no_and_not_answered():
+    report = fake_report({"all_on": [0.5, 0.6, 0.7], "no_long_rec": [0.55, 0.6, 0.65]})
+    assert "No: every difference from all_on is within the spread." in answer_of(report)[0]
+    one = fake_report({"all_on": [0.5], "no_long_rec": [0.9]})
+    lines = answer_of(one)
+    assert lines[0].startswith("Not answered: the seed-to-seed spread needs at least 2 seeds")
+    assert "swap acc +0.400 (under 2 seeds: no spread)" in lines[1]
+    assert answer_of(fake_report({"no_long_rec": [0.5, 0.6]}))[0].startswith("Not answered: the comparison needs")
+    sweep = fake_report({"content_dim_0": [0.1, 0.2], "content_dim_2": [0.8, 0.9]})
+    lines = answer_of(sweep, "sweep")
+    assert lines[0] == ("**Differences from content_dim_0 beyond the seed-to-seed spread:** content_dim_2 "
+                        "(marked below).")

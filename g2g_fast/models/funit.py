@@ -75,24 +75,29 @@ class ResBlocks(ref.ResBlocks):
 class ContentEncoder(ref.ContentEncoder):
     """The reference layer list (same indices, so same keys) built from fused blocks."""
 
-    def __init__(self, downs, n_res, dim, impl):
+    def __init__(self, downs, n_res, dim, impl, code_dim=0):
         nn.Module.__init__(self)
         layers = [Conv2dBlock(3, dim, 7, 1, 3, norm="in", act="relu", impl=impl)]
         for _ in range(downs):
             layers.append(Conv2dBlock(dim, 2 * dim, 4, 2, 1, norm="in", act="relu", impl=impl))
             dim *= 2
         layers.append(ResBlocks(n_res, dim, "in", impl))
+        if code_dim:  # the linear 1x1 bottleneck: no norm, nothing to fuse
+            layers.append(nn.Conv2d(dim, code_dim, 1))
         self.model = nn.Sequential(*layers)
         self.output_dim = dim
+        self.code_dim = code_dim or dim
 
 
 class Decoder(ref.Decoder):
     """The [bias | weight] slicing of the MLP output is the reference's; forward is too unless
     `subpixel` fuses each nn.Upsample into the conv block after it."""
 
-    def __init__(self, ups, n_res, dim, impl, subpixel=False):
+    def __init__(self, ups, n_res, dim, impl, subpixel=False, code_dim=0):
         nn.Module.__init__(self)
         self.subpixel = subpixel
+        if code_dim:  # as the reference: registered before `model`, so the same init order
+            self.content_in = nn.Conv2d(code_dim, dim, 1)
         layers = [ResBlocks(n_res, dim, "adain", impl)]
         for _ in range(ups):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
@@ -104,7 +109,7 @@ class Decoder(ref.Decoder):
     def forward(self, content, adain_params):
         if not self.subpixel:
             return super().forward(content, adain_params)
-        x = self.model[0](content, self.split_adain_params(adain_params))
+        x = self.model[0](self.expand(content), self.split_adain_params(adain_params))
         upsample = False
         for layer in self.model[1:]:
             if isinstance(layer, nn.Upsample):
@@ -122,13 +127,13 @@ class Generator(ref.Generator):
     """
 
     def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
-                 n_downs_content=3, n_downs_class=4, class_encoder: nn.Module | None = None,
+                 n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None,
                  impl: str = "auto", subpixel: bool = False):
         nn.Module.__init__(self)
         # Same construction and init order as the reference, so a seed gives the same weights.
         self.enc_class_model = class_encoder or ref.ClassEncoder(n_downs_class, nf, latent_dim)
-        self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, impl)
-        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, impl, subpixel)
+        self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, impl, content_dim)
+        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, impl, subpixel, content_dim)
         self.mlp = ref.MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
         for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
             ref.init_kaiming(part)

@@ -94,17 +94,24 @@ class ResBlocks(nn.Module):
 
 
 class ContentEncoder(nn.Module):
-    """7x7 conv, `downs` stride-2 4x4 convs (width doubling), ResBlocks; all IN + ReLU."""
+    """7x7 conv, `downs` stride-2 4x4 convs (width doubling), ResBlocks; all IN + ReLU.
 
-    def __init__(self, downs, n_res, dim):
+    `code_dim` > 0 appends a linear 1x1 conv (bias, no norm or activation) to `code_dim` channels,
+    as `model.{downs + 2}`: the content code shrinks while FUNIT's keys stay as they are.
+    `output_dim` is the width of the last ResBlocks (the decoder's width), `code_dim` the code's."""
+
+    def __init__(self, downs, n_res, dim, code_dim=0):
         super().__init__()
         layers = [Conv2dBlock(3, dim, 7, 1, 3, norm="in", act="relu")]
         for _ in range(downs):
             layers.append(Conv2dBlock(dim, 2 * dim, 4, 2, 1, norm="in", act="relu"))
             dim *= 2
         layers.append(ResBlocks(n_res, dim, "in"))
+        if code_dim:
+            layers.append(nn.Conv2d(dim, code_dim, 1))
         self.model = nn.Sequential(*layers)
         self.output_dim = dim
+        self.code_dim = code_dim or dim
 
     def forward(self, x):
         return self.model(x)
@@ -130,10 +137,15 @@ class ClassEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """AdaIN ResBlocks, then `ups` x [nearest up x2, 5x5 conv, IN, ReLU], then 7x7 conv + tanh."""
+    """AdaIN ResBlocks, then `ups` x [nearest up x2, 5x5 conv, IN, ReLU], then 7x7 conv + tanh.
 
-    def __init__(self, ups, n_res, dim):
+    `code_dim` > 0 (the content code's channels, when they differ from `dim`): a linear 1x1 conv
+    `content_in` takes the code back to `dim` channels before the AdaIN ResBlocks."""
+
+    def __init__(self, ups, n_res, dim, code_dim=0):
         super().__init__()
+        if code_dim:
+            self.content_in = nn.Conv2d(code_dim, dim, 1)
         layers = [ResBlocks(n_res, dim, "adain")]
         for _ in range(ups):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
@@ -159,8 +171,12 @@ class Decoder(nn.Module):
             offset += 2 * n
         return styles
 
+    def expand(self, content):
+        """The content code at the decoder's width (`content_in`, when there is one)."""
+        return self.content_in(content) if hasattr(self, "content_in") else content
+
     def forward(self, content, adain_params):
-        x = self.model[0](content, self.split_adain_params(adain_params))
+        x = self.model[0](self.expand(content), self.split_adain_params(adain_params))
         for layer in self.model[1:]:
             x = layer(x)
         return x
@@ -202,20 +218,23 @@ class Generator(nn.Module):
 
     `class_encoder`: an optional replacement for FUNIT's class encoder (CycleFUNIT's frozen
     identity encoder); it must have an `out_dim` attribute, and the MLP input follows it.
+    `content_dim` > 0: the content code has that many channels (a 1x1 conv at the content
+    encoder's end, `enc_content.model.{n_downs_content + 2}`, and one at the decoder's start,
+    `dec.content_in`); 0 keeps FUNIT's code and its 58-key layout exactly.
     """
 
     def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
-                 n_downs_content=3, n_downs_class=4, class_encoder: nn.Module | None = None):
+                 n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None):
         super().__init__()
         self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
-        self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf)
-        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim)
+        self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, content_dim)
+        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, content_dim)
         self.mlp = MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
         for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
             init_kaiming(part)
 
     def encode_content(self, x):
-        """(B, 3, H, W) -> content code (B, nf * 2^downs, H / 2^downs, W / 2^downs)."""
+        """(B, 3, H, W) -> content code (B, content_dim or nf * 2^downs, H / 2^downs, W / 2^downs)."""
         return self.enc_content(x)
 
     def encode_class(self, x):

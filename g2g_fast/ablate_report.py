@@ -1,0 +1,210 @@
+"""The report of `python -m g2g_fast.ablate`: per-variant statistics over seeds, the comparison
+with the baseline variant against the seed-to-seed spread (the plain-words answer), the issue-15
+demo targets, and the markdown table.
+
+Spread: the sample standard deviation over a variant's seeds (n - 1 in the denominator); the JSON
+also has min and max. A difference between two variants counts as larger than the seed-to-seed
+spread when |mean_a - mean_b| exceeds the larger of the two standard deviations. With one seed
+there is no spread, and the answer says so.
+"""
+from __future__ import annotations
+
+import math
+
+from . import evaluate as E
+
+COLUMNS = [("short L1", "recon_short_l1"), ("long L1", "recon_long_l1"), ("long PSNR", "recon_long_psnr"),
+           ("swap acc", "swap_acc"), ("kept acc", "swap_kept_acc"), ("content err", "content_error"),
+           ("leak class<-content", "leak_class_from_content_acc"),
+           ("leak factors<-class R2", "leak_factors_from_class_r2")]
+LOSS_COLUMNS = [("g_long", "g_long"), ("g_fm_long", "g_fm_long"), ("g_fm_mix_rec", "g_fm_mix_rec")]
+# The question of issue 15: does a variant change these by more than the seed-to-seed spread?
+ANSWER_METRICS = [("swap acc", "swap_acc"), ("content err", "content_error"),
+                  ("leak class<-content", "leak_class_from_content_acc"),
+                  ("leak factors<-class R2", "leak_factors_from_class_r2")]
+# Issue 15's demo preset targets (held-out split, g2g_fast.evaluate's probes) and its time budget.
+TARGETS = [("swap_acc", ">=", 0.85), ("swap_kept_acc", "<=", 0.05), ("content_error", "<=", 0.4),
+           ("leak_class_from_content_acc", "<=", 0.3)]
+TARGET_TRAIN_S = 600.0
+
+
+def summarize(values: list) -> dict | None:
+    """Numbers (None skipped) -> {mean, std (sample, n-1; None for n < 2), min, max, n}, or None."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not xs:
+        return None
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": n}
+
+
+def mean_of(dicts: list[dict]) -> dict:
+    """The per-key mean of flat metric dicts; nested dicts (per-factor values) key by key; a key
+    whose values are all None stays None. One dict gives itself back exactly."""
+    if len(dicts) == 1:
+        return dict(dicts[0])
+    out = {}
+    for k in dicts[0] if dicts else []:
+        vals = [d.get(k) for d in dicts]
+        if all(isinstance(v, dict) for v in vals):
+            out[k] = mean_of(vals)
+        else:
+            s = summarize(vals)
+            out[k] = None if s is None else s["mean"]
+    return out
+
+
+def variant_stats(runs: dict) -> tuple[dict, dict, dict]:
+    """{seed: run entry} -> (mean metrics, {metric: summary}, mean final losses) over the finished
+    runs."""
+    ok = [r for r in runs.values() if r["status"] == "ok" and r.get("metrics")]
+    metrics = mean_of([r["metrics"] for r in ok]) if ok else None
+    stats = {k: summarize([r["metrics"].get(k) for r in ok]) for k in E.METRIC_KEYS
+             if ok and not isinstance(ok[0]["metrics"].get(k), dict)}
+    losses = mean_of([r["final_losses"] for r in runs.values() if r.get("final_losses")]) \
+        if any(r.get("final_losses") for r in runs.values()) else {}
+    return metrics, stats, losses
+
+
+def compare(report: dict, baseline: str, others: list[str]) -> list[dict]:
+    """Each of `others` against `baseline` on ANSWER_METRICS -> rows {variant, metric, delta
+    (other - baseline), spread, exceeds}; spread/exceeds are None without 2 seeds on both sides."""
+    rows = []
+    base = report["variants"][baseline].get("stats") or {}
+    for v in others:
+        st = report["variants"][v].get("stats") or {}
+        for _, key in ANSWER_METRICS:
+            a, b = base.get(key), st.get(key)
+            if a is None or b is None:
+                continue
+            spread = max(a["std"], b["std"]) if a["std"] is not None and b["std"] is not None else None
+            delta = b["mean"] - a["mean"]
+            rows.append({"variant": v, "metric": key, "delta": delta, "spread": spread,
+                         "exceeds": None if spread is None else abs(delta) > spread})
+    return rows
+
+
+def _effects(rows: list[dict], variant: str) -> str:
+    names = dict((k, n) for n, k in ANSWER_METRICS)
+    parts = []
+    for r in (r for r in rows if r["variant"] == variant):
+        verdict = "under 2 seeds: no spread" if r["spread"] is None else \
+            f"spread {r['spread']:.3f}: {'**exceeds**' if r['exceeds'] else 'within'}"
+        parts.append(f"{names[r['metric']]} {r['delta']:+.3f} ({verdict})")
+    return "; ".join(parts) or "no metrics"
+
+
+def comparison(report: dict, mode: str) -> dict | None:
+    """The baseline (the loss ablation: all_on; otherwise the first variant) against every other
+    variant -> {baseline, rows (see `compare`), rule}, or None with fewer than two variants."""
+    names = list(report["variants"])
+    base = "all_on" if mode == "losses" else names[0]
+    others = [v for v in names if v != base]
+    if base not in names or not others:
+        return None
+    return {"baseline": base, "rows": compare(report, base, others),
+            "rule": "|mean difference| > the larger of the two variants' sample standard deviations over seeds"}
+
+
+def answer(report: dict, mode: str, ablated: dict, variants_off: dict) -> list[str]:
+    """The plain-words answer, computed from report["comparison"]: markdown lines."""
+    names = list(report["variants"])
+    seeds = len(report.get("seeds") or [report.get("seed")])
+    cmp = report.get("comparison")
+    if cmp is None:
+        return ["Not answered: the comparison needs " + ("the variant all_on and at least one other."
+                                                          if mode == "losses" else "at least two variants.")]
+    base, rows = cmp["baseline"], cmp["rows"]
+    others = [v for v in names if v != base]
+    lines = []
+    if seeds < 2:
+        lines.append("Not answered: the seed-to-seed spread needs at least 2 seeds per variant (`--seeds N`). "
+                     "The differences from a single seed:")
+    beyond = sorted({r["variant"] for r in rows if r["exceeds"]}, key=names.index)
+    if mode == "losses":
+        question = ("Does any of G2G's three losses change swap accuracy, content error or leakage by more than "
+                    "the seed-to-seed spread?")
+        if seeds >= 2:
+            said = []
+            for v in beyond:
+                what = ", ".join(dict((k, n) for n, k in ANSWER_METRICS)[r["metric"]] for r in rows
+                                 if r["variant"] == v and r["exceeds"])
+                off = " + ".join(ablated[k] for k in variants_off[v])
+                said.append(f"removing {off} ({v}) changes {what}")
+            lines.append(f"**{question}** " + (f"Yes: {'; '.join(said)}." if said else
+                                                "No: every difference from all_on is within the spread."))
+        for v in others:
+            off = " + ".join(f"{ablated[k]} ({k})" for k in variants_off[v])
+            lines.append(f"- without {off}, {v} vs all_on: {_effects(rows, v)}")
+    else:
+        if seeds >= 2:
+            lines.append(f"**Differences from {base} beyond the seed-to-seed spread:** "
+                         + (", ".join(beyond) + " (marked below)." if beyond else "none."))
+        for v in others:
+            lines.append(f"- {v} vs {base}: {_effects(rows, v)}")
+    lines.append(f"(Difference = mean over seeds minus {base}'s; spread = the larger of the two variants' "
+                 f"sample standard deviations over seeds.)")
+    return lines
+
+
+def targets(report: dict) -> dict:
+    """Per variant: how many finished seeds meet all of TARGETS, and within TARGET_TRAIN_S."""
+    out = {}
+    for v, entry in report["variants"].items():
+        runs = [r for r in entry["runs"].values() if r["status"] == "ok" and r.get("metrics")]
+        met = [all(r["metrics"].get(k) is not None and (r["metrics"][k] >= t if op == ">=" else r["metrics"][k] <= t)
+                   for k, op, t in TARGETS) for r in runs]
+        fast = [r.get("train_s") is not None and r["train_s"] <= TARGET_TRAIN_S for r in runs]
+        out[v] = {"metrics_met": sum(met), "metrics_and_time_met": sum(m and f for m, f in zip(met, fast)),
+                  "runs": len(runs)}
+    return out
+
+
+def _cell(stat: dict | None, value) -> str:
+    if stat is None or stat["n"] < 2:
+        return E.fmt_value(value)
+    return f"{E.fmt_value(stat['mean'])} ± {E.fmt_value(stat['std'])}"
+
+
+def format_report(report: dict) -> str:
+    seeds = report.get("seeds") or [report["seed"]]
+    multi = len(seeds) > 1
+    head = ["variant", "off" if report.get("mode", "losses") == "losses" else "settings"] + \
+        [c for c, _ in COLUMNS] + [c for c, _ in LOSS_COLUMNS] + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, v in report["variants"].items():
+        m, loss, stats = v.get("metrics") or {}, v.get("final_losses") or {}, v.get("stats") or {}
+        what = ", ".join(v["off"]) if report.get("mode", "losses") == "losses" else \
+            ", ".join([v["approach"]] + v.get("set", []))
+        cells = [name, what or "-"]
+        cells += ([_cell(stats.get(k), m.get(k)) for _, k in COLUMNS] if v["status"] == "ok" or (multi and m)
+                  else [v["status"]] + ["-"] * (len(COLUMNS) - 1))
+        cells += [E.fmt_value(loss.get(k)) for _, k in LOSS_COLUMNS]
+        cells.append(f"{v['train_s']:.0f}" if v.get("train_s") is not None else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    ref = report.get("reference") or {}
+    runs = (f"seeds {', '.join(map(str, seeds))} per variant (cells: mean ± sample standard deviation over the "
+            f"seeds; min and max in ablation.json)" if multi else f"seed {seeds[0]}")
+    steps = f"{report['steps']} steps" if report.get("steps") is not None else "steps as set per variant"
+    lines += ["", f"{steps} per run, {runs}, {report['image_size']}x{report['image_size']}, data "
+              f"{report['data']} ({report['heldout']}, {report['samples']} pairs); "
+              f"EMA generators. Chance: swap and class-leak accuracy {E.fmt_value(ref.get('swap_chance'))}; "
+              f"probes on real images: class accuracy {E.fmt_value(ref.get('probe_class_acc'))}, content error "
+              f"{E.fmt_value(ref.get('probe_content_error'))}. Loss columns: each unweighted term's mean over the "
+              f"last tenth of training (computed also when its weight is 0)"
+              + (", averaged over the seeds" if multi else "") + ". train s: wall time of the "
+              + ("variant's training, the first one's includes one-time start-up." if not multi else
+                 "training per run (mean over the seeds); the first run's includes one-time start-up.")]
+    if report.get("answer"):
+        lines += [""] + report["answer"]
+    if report.get("targets"):
+        t = ", ".join(f"{v} {x['metrics_met']}/{x['runs']}" + (f" ({x['metrics_and_time_met']} within "
+                                                               f"{TARGET_TRAIN_S / 60:.0f} min)")
+                      for v, x in report["targets"].items())
+        goals = ", ".join(f"{k} {op} {t}" for k, op, t in TARGETS)
+        lines += ["", f"Issue-15 demo targets ({goals}; training within {TARGET_TRAIN_S / 60:.0f} minutes), "
+                      f"runs meeting all four: {t}."]
+    if report.get("figure"):
+        lines += ["", f"![learning curves]({report['figure']})"]
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""`python -m g2g_fast.ablate --seeds N` and `--sweep`, end to end on tiny configurations: runs
+land in their folders with their seeds and settings, and the report's statistics are those of the
+runs' own evaluations. (`--approaches`: test_ablate_approaches.py.)"""
+import json
+import statistics
+
+import pytest
+import torch
+
+from g2g_fast import ablate as A
+from g2g_fast import probes as P
+from g2g_fast.checkpoint import load_checkpoint
+from g2g_fast.evaluate import METRIC_KEYS
+from test_ablate import TRAIN_FLAGS
+
+PROBE_FLAGS = ["--samples", "16", "--probe-train", "64", "--probe-steps", "20"]
+SMALL_DATA = ["--set", "synthetic_classes=4", "--set", "synthetic_per_class=16"]
+
+
+@pytest.fixture(autouse=True)
+def quick_probes(monkeypatch, tmp_path):
+    """The trainer's --eval-every probes: a short recipe, cached inside the test's folder."""
+    monkeypatch.setattr(P, "PROBE_STEPS", 20)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_seeds_give_runs_statistics_and_one_curve_per_variant(tmp_path, capsys):
+    out = tmp_path / "abl"
+    argv = ["--out", str(out), "--steps", "2", "--seeds", "2", "--seed", "3", "--variants", "all_on,no_long_rec",
+            "--device", "cpu", *PROBE_FLAGS, "--probe-cache", str(tmp_path / "cache"),
+            "--", *TRAIN_FLAGS, "--eval-every", "2"]
+    assert A.main(argv) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert report["seeds"] == [3, 4] and report["mode"] == "losses"
+    for v in ("all_on", "no_long_rec"):
+        entry = report["variants"][v]
+        assert list(entry["runs"]) == ["3", "4"]
+        for seed, run in entry["runs"].items():
+            folder = out / v / f"seed_{seed}"
+            assert run["dir"] == str(folder) and run["status"] == "ok"
+            assert json.loads((folder / "config.json").read_text())["config"]["seed"] == int(seed)
+            assert json.loads((folder / "eval.json").read_text()) == run["metrics"]
+            assert set(run["metrics"]) == set(METRIC_KEYS)
+        values = [r["metrics"]["swap_acc"] for r in entry["runs"].values()]
+        stats = entry["stats"]["leak_class_from_content_acc"]
+        leak = [r["metrics"]["leak_class_from_content_acc"] for r in entry["runs"].values()]
+        assert entry["metrics"]["swap_acc"] == pytest.approx(statistics.mean(values))
+        assert stats["mean"] == pytest.approx(statistics.mean(leak))
+        assert stats["std"] == pytest.approx(statistics.stdev(leak))
+        assert (stats["min"], stats["max"], stats["n"]) == (min(leak), max(leak), 2)
+    # the seeds are different runs (weights and data order), the variants differ only in rl_w
+    a = load_checkpoint(out / "all_on" / "seed_3" / "checkpoints" / "last.pt")
+    b = load_checkpoint(out / "all_on" / "seed_4" / "checkpoints" / "last.pt")
+    assert any(not torch.equal(a["gen"][k], b["gen"][k]) for k in a["gen"])
+    assert json.loads((out / "no_long_rec" / "seed_4" / "config.json").read_text())["config"]["rl_w"] == 0
+    rows = report["comparison"]["rows"]
+    assert report["comparison"]["baseline"] == "all_on" and {r["variant"] for r in rows} == {"no_long_rec"}
+    on, off = report["variants"]["all_on"]["stats"], report["variants"]["no_long_rec"]["stats"]
+    for r in rows:
+        assert r["delta"] == pytest.approx(off[r["metric"]]["mean"] - on[r["metric"]]["mean"])
+        assert r["spread"] == pytest.approx(max(off[r["metric"]]["std"], on[r["metric"]]["std"]))
+        assert r["exceeds"] == (abs(r["delta"]) > r["spread"])
+    table = (out / "ablation.md").read_text()
+    assert " ± " in table and report["answer"][0] in table and "Issue-15 demo targets" in table
+    assert ("Yes: removing" in report["answer"][0]) == any(r["exceeds"] for r in rows)
+    if report["figure"]:  # matplotlib installed (the plot extra)
+        assert (out / "curves.png").is_file() and "![learning curves](curves.png)" in table
+    else:
+        pytest.importorskip("matplotlib")
+        pytest.fail("matplotlib is installed but no curves.png was written")
+    assert (out / "samples" / "all_on.png").is_file() and (out / "samples.png").is_file()
+    # a rerun evaluates only, to the same numbers
+    stamp = (out / "all_on" / "seed_4" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert A.main(argv) == 0
+    assert (out / "all_on" / "seed_4" / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+    again = json.loads((out / "ablation.json").read_text())
+    assert again["variants"]["no_long_rec"]["stats"] == report["variants"]["no_long_rec"]["stats"]
+    assert again["trained_now"] == [] and report["trained_now"] == [
+        "all_on/seed_3", "all_on/seed_4", "no_long_rec/seed_3", "no_long_rec/seed_4"]
+
+
+def test_sweep_of_the_content_code_size(tmp_path):
+    out = tmp_path / "sweep"
+    assert A.main(["--sweep", "content_dim=0,2", "--out", str(out), "--steps", "1", "--device", "cpu", *PROBE_FLAGS,
+                   "--probe-cache", str(tmp_path / "cache"), "--", *TRAIN_FLAGS]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert list(report["variants"]) == ["content_dim_0", "content_dim_2"] and report["mode"] == "sweep"
+    assert report["variants"]["content_dim_2"]["set"] == ["content_dim=2"]
+    small = load_checkpoint(out / "content_dim_2" / "checkpoints" / "last.pt")
+    full = load_checkpoint(out / "content_dim_0" / "checkpoints" / "last.pt")
+    assert small["config"]["content_dim"] == 2 and small["gen"]["dec.content_in.weight"].shape == (64, 2, 1, 1)
+    assert set(small["gen"]) - set(full["gen"]) == {"enc_content.model.5.weight", "enc_content.model.5.bias",
+                                                    "dec.content_in.weight", "dec.content_in.bias"}
+    assert report["variants"]["content_dim_2"]["metrics"]["leak_class_from_content_acc"] is not None
+    assert "| content_dim_2 | funit2funit, content_dim=2 |" in (out / "ablation.md").read_text()
