@@ -88,8 +88,10 @@ def test_sweep_of_the_content_code_size(tmp_path):
     assert report["variants"]["content_dim_2"]["set"] == ["content_dim=2"]
     small = load_checkpoint(out / "content_dim_2" / "checkpoints" / "last.pt")
     full = load_checkpoint(out / "content_dim_0" / "checkpoints" / "last.pt")
-    assert small["config"]["content_dim"] == 2 and small["gen"]["dec.content_in.weight"].shape == (64, 2, 1, 1)
-    assert set(small["gen"]) - set(full["gen"]) == {"enc_content.model.5.weight", "enc_content.model.5.bias",
+    cfg = small["config"]   # the content encoder's width: nf * 2^n_downs_content (the preset's)
+    width, last = cfg["nf"] * 2 ** cfg["n_downs_content"], cfg["n_downs_content"] + 2
+    assert cfg["content_dim"] == 2 and small["gen"]["dec.content_in.weight"].shape == (width, 2, 1, 1)
+    assert set(small["gen"]) - set(full["gen"]) == {f"enc_content.model.{last}.weight", f"enc_content.model.{last}.bias",
                                                     "dec.content_in.weight", "dec.content_in.bias"}
     assert report["variants"]["content_dim_2"]["metrics"]["leak_class_from_content_acc"] is not None
     assert "| content_dim_2 | funit2funit, content_dim=2 |" in (out / "ablation.md").read_text()
