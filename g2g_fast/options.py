@@ -57,8 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # EMA 0.99 and lr 4e-4: a 300-step run's samples must show progress (0.999 would still
         # be ~75% the initial weights at the end).
         "funit2funit": dict(nf=8, nf_mlp=64, latent_dim=16, dis_nf=8, dis_n_res_blks=6,
-                            ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4,
-                            n_downs_content=2, content_dim=4, r_w=3.0),
+                            ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4),
         "cyclefunit": dict(nf=8, nf_mlp=64, latent_dim=16, patch_nf=16, ema_beta=0.99),
         "naive": dict(code_dim=64, gen_channels=64),
     },
@@ -68,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # preset's widths at 32x32 (1400 steps + 8 evaluations: ~9 minutes on one core), and for
     # FUNIT2FUNIT what the search measured best (docs/demo_search.md, one seed each): an 8x8
     # content code (n_downs_content 2, not FUNIT's 3, which leaves 4x4 at 32 px; content error
-    # 0.57 vs 0.89), narrowed to 4 channels (class leakage 0.46 vs 0.75) and a short
+    # 0.57 vs 0.82 with 4x4), narrowed to 4 channels (class leakage 0.46 vs 0.75) and a short
     # reconstruction weight of 3 (FUNIT's 0.1 kept less content). Not yet at every target.
     "demo": {
         "trainer": dict(steps=1400, sample_every=200, ckpt_every=200, log_every=20, eval_every=200),
