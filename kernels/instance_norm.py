@@ -580,10 +580,9 @@ def adain_bwd(dy, x, weight, bias, mean, rstd, act: str, slope: float):
     if dy.dim() != 4 or tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"adain backward: grad shape {tuple(dy.shape)} != input shape {tuple(x.shape)}")
     try:
-        sd = bchw_view(dy)
+        bchw_view(dy)
     except ValueError:  # an exotic gradient layout from upstream: one explicit copy
         dy = dy.contiguous()
-        sd = bchw_view(dy)
     dy = match_layout(dy, x)   # e.g. an NCHW gradient from the sub-pixel decoder, x channels_last
     sd = bchw_view(dy)
     dx = torch.empty_like(x)
