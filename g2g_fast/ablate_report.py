@@ -167,6 +167,25 @@ def _cell(stat: dict | None, value) -> str:
     return f"{E.fmt_value(stat['mean'])} ± {E.fmt_value(stat['std'])}"
 
 
+def factor_table(report: dict) -> list[str]:
+    """Which image each content factor of the mixes follows: per variant and factor, the error
+    against the content image / against the class image (std units, mean over seeds); markdown
+    lines, none without synthetic factors."""
+    rows = {v: (e.get("metrics") or {}) for v, e in report["variants"].items()}
+    rows = {v: m for v, m in rows.items()
+            if isinstance(m.get("content_factor_error"), dict) and isinstance(m.get("content_factor_error_to_class"), dict)}
+    if not rows:
+        return []
+    factors = list(next(iter(rows.values()))["content_factor_error"])
+    lines = ["", "Content error per factor (std units, mean over the seeds): the mixes against the content image "
+                 "/ against the class image. Small on the left is right; a factor small on the right rides on "
+                 "the class code.", "", "| variant | " + " | ".join(factors) + " |", "|---|" + "---|" * len(factors)]
+    for v, m in rows.items():
+        own, other = m["content_factor_error"], m["content_factor_error_to_class"]
+        lines.append(f"| {v} | " + " | ".join(f"{own[f]:.2f} / {other[f]:.2f}" for f in factors) + " |")
+    return lines
+
+
 def format_report(report: dict) -> str:
     seeds = report.get("seeds") or [report["seed"]]
     multi = len(seeds) > 1
@@ -196,6 +215,7 @@ def format_report(report: dict) -> str:
               + (", averaged over the seeds" if multi else "") + ". train s: wall time of the "
               + ("variant's training, the first one's includes one-time start-up." if not multi else
                  "training per run (mean over the seeds); the first run's includes one-time start-up.")]
+    lines += factor_table(report)
     if report.get("answer"):
         lines += [""] + report["answer"]
     if report.get("targets"):

@@ -14,7 +14,11 @@ Metrics (pairs (x1, x2) of held-out images of different classes; m1 = G(E_A(x1),
   content_error         synthetic data only: a probe CNN regresses the content factors of the
                         mixes; mean over factors of |error| / std of the factor (0 perfect, about
                         1.1 for unrelated images); content_mae: per factor in factor units
-                        (light: angular error in radians); probe_content_*: same on real images
+                        (light: angular error in radians); probe_content_*: same on real images;
+                        content_factor_error: per factor in std units (their mean is content_error)
+  content_error_to_class   the same errors of the mixes against the factors of the image that gave
+                        the class code (m1 against x2's); a factor whose error is small here and
+                        large above rides on the class code (content_factor_error_to_class)
   leak_class_from_content_acc   held-out accuracy of a linear (logistic) probe predicting the
                         class from content codes; chance (1/C, leak_class_chance) is best
   leak_factors_from_class_r2    synthetic only: held-out R^2 (clipped at 0, averaged over
@@ -47,6 +51,7 @@ CONTENT_FACTORS = ["cx", "cy", "scale", "background", "light"]   # rotation: see
 METRIC_KEYS = ["recon_short_l1", "recon_short_psnr", "recon_long_l1", "recon_long_psnr",
                "swap_acc", "swap_acc_m1", "swap_acc_m2", "swap_kept_acc", "swap_chance", "probe_class_acc",
                "content_error", "probe_content_error", "content_mae", "probe_content_mae",
+               "content_factor_error", "content_error_to_class", "content_factor_error_to_class",
                "leak_class_from_content_acc", "leak_class_chance", "leak_factors_from_class_r2",
                "leak_factors_from_class_r2_per_factor"]
 PSNR_CAP = 100.0
@@ -254,9 +259,17 @@ def swap_metrics(probes: Probes, out: dict, y1, y2, num_classes: int) -> dict:
 def content_error(probes: Probes, images: torch.Tensor, factors: torch.Tensor) -> tuple[float, dict]:
     """-> (mean standardised error, per-factor MAE in factor units) of the probe on `images`
     against the ground-truth `factors`."""
-    err = factor_abs_errors(probes.regress(images), factors)
-    mae = err.mean(0)
-    return (mae / probes.scales).mean().item(), dict(zip(CONTENT_FACTORS, mae.tolist()))
+    mean, mae, _ = factor_errors(probes, probes.regress(images), factors)
+    return mean, mae
+
+
+def factor_errors(probes: Probes, pred_t: torch.Tensor, factors: torch.Tensor) -> tuple[float, dict, dict]:
+    """Regressed factors `pred_t` against `factors` -> (mean standardised error, per-factor MAE in
+    factor units, per-factor standardised error)."""
+    mae = factor_abs_errors(pred_t, factors).mean(0)
+    std_units = mae / probes.scales
+    return (std_units.mean().item(), dict(zip(CONTENT_FACTORS, mae.tolist())),
+            dict(zip(CONTENT_FACTORS, std_units.tolist())))
 
 
 def leakage_metrics(train_codes, train: ImageSet, test_codes, test: ImageSet, num_classes: int,
@@ -299,11 +312,14 @@ def evaluate_model(model, train: ImageSet, heldout: ImageSet, probes: Probes, nu
     m.update(swap_metrics(probes, out, s1.y, s2.y, num_classes))
     m["probe_class_acc"] = (probes.classify(heldout.x) == heldout.y).float().mean().item()
     if probes.regressor is not None and heldout.factors is not None:
-        m["content_error"], m["content_mae"] = content_error(
-            probes, torch.cat([out["m1"], out["m2"]]), torch.cat([s1.factors, s2.factors]))
+        pred = probes.regress(torch.cat([out["m1"], out["m2"]]))
+        own, other = torch.cat([s1.factors, s2.factors]), torch.cat([s2.factors, s1.factors])
+        m["content_error"], m["content_mae"], m["content_factor_error"] = factor_errors(probes, pred, own)
+        m["content_error_to_class"], _, m["content_factor_error_to_class"] = factor_errors(probes, pred, other)
         m["probe_content_error"], m["probe_content_mae"] = content_error(probes, heldout.x, heldout.factors)
     else:
-        m.update(content_error=None, content_mae=None, probe_content_error=None, probe_content_mae=None)
+        m.update(content_error=None, content_mae=None, probe_content_error=None, probe_content_mae=None,
+                 content_factor_error=None, content_error_to_class=None, content_factor_error_to_class=None)
     lt = train.subset(torch.tensor(spread_indices(train.y, leak_train, seed + 2)))
     # held-out codes: every held-out image once (codes of x1 and x2 would repeat images)
     m.update(leakage_metrics(encode_all(model, lt.x, batch * 2, device), lt,
@@ -318,6 +334,8 @@ ROWS = [("reconstruction (short)", "L1 / PSNR dB", "recon_short_l1", "recon_shor
         ("class swap accuracy", "mixes / probe on real", "swap_acc", "probe_class_acc"),
         ("  classified as content image's class", "mixes / chance", "swap_kept_acc", "swap_chance"),
         ("content error (std units)", "mixes / probe on real", "content_error", "probe_content_error"),
+        ("  the mixes' factors against the class image's", "std units (large is right)",
+         "content_error_to_class", None),
         ("leakage: class from content codes", "accuracy / chance", "leak_class_from_content_acc",
          "leak_class_chance"),
         ("leakage: factors from class codes", "R^2 (0 best)", "leak_factors_from_class_r2", None)]
@@ -335,6 +353,10 @@ def format_table(metrics: dict) -> str:
     if metrics.get("content_mae"):
         mae = ", ".join(f"{k} {v:.4f}" for k, v in metrics["content_mae"].items())
         lines.append(f"| content MAE of mixes (factor units) | per factor | {mae} |")
+    if metrics.get("content_factor_error"):
+        per = ", ".join(f"{k} {v:.2f} / {metrics['content_factor_error_to_class'][k]:.2f}"
+                        for k, v in metrics["content_factor_error"].items())
+        lines.append(f"| content error per factor (std units) | vs content image / vs class image | {per} |")
     return "\n".join(lines)
 
 

@@ -75,7 +75,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "funit2funit": dict(nf=8, nf_mlp=64, latent_dim=16, dis_nf=8, dis_n_res_blks=6,
                             ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4,
                             n_downs_content=2, content_dim=4, r_w=3.0),
-        "cyclefunit": dict(nf=8, nf_mlp=64, latent_dim=16, patch_nf=16, ema_beta=0.99),
+        # CycleFUNIT gets FUNIT2FUNIT's content code, so that `ablate --approaches` compares the
+        # approaches' wiring and losses, not two sizes of content code (docs/evaluation.md).
+        "cyclefunit": dict(nf=8, nf_mlp=64, latent_dim=16, patch_nf=16, ema_beta=0.99,
+                           n_downs_content=2, content_dim=4),
         "naive": dict(code_dim=64, gen_channels=64),
     },
 }

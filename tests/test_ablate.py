@@ -136,6 +136,19 @@ def test_statistics_over_seeds():
     assert entry["final_losses"] == {"g_long": 0.5}
 
 
+def test_factor_table_averages_the_seeds_per_factor():
+    report = fake_report({"all_on": [0.5, 0.6], "all_off": [0.4, 0.5]})
+    assert R.factor_table(report) == []  # no per-factor numbers: no table
+    for v, entry in report["variants"].items():
+        for i, run in entry["runs"].items():
+            run["metrics"]["content_factor_error"] = {"cx": 0.1 + int(i), "light": 0.5}
+            run["metrics"]["content_factor_error_to_class"] = {"cx": 1.0, "light": 0.2 * (int(i) + 1)}
+        entry["metrics"], entry["stats"], _ = R.variant_stats(entry["runs"])
+    lines = R.factor_table(report)
+    assert "| variant | cx | light |" in lines and "| all_on | 0.60 / 1.00 | 0.50 / 0.30 |" in lines
+    assert "| all_off | 0.60 / 1.00 | 0.50 / 0.30 |" in R.format_report(report)
+
+
 def test_answer_says_which_loss_changes_what_beyond_the_spread():
     report = fake_report({"all_on": [0.5, 0.6, 0.7], "no_long_rec": [0.9, 0.95, 1.0], "no_long_fm": [0.55, 0.65, 0.7]},
                          content={"no_long_fm": [0.3, 0.9, 1.8]})

@@ -64,6 +64,18 @@ class Identity:
         return content
 
 
+class ClassImage:
+    """Every mix is the image that gave the class code: m1 = x2, all of its factors from x2."""
+    def encode_content(self, x):
+        return x
+
+    def encode_class(self, x):
+        return x
+
+    def decode(self, content, class_code):
+        return class_code
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     cache = tmp_path_factory.mktemp("probes")
@@ -101,6 +113,28 @@ def test_identity_scores_chance_swap_and_exact_reconstruction(setup):
     # m1 = x1: the content is intact (the swap is what fails)
     assert m["content_error"] == pytest.approx(m["probe_content_error"], abs=0.1)
     assert m["leak_class_from_content_acc"] >= 0.8  # the content code is the image itself
+
+
+def test_content_error_to_class_says_which_image_the_factors_follow(setup):
+    """The per-factor errors against the content and the class image tell a mix that keeps its
+    content (Identity: m1 = x1) from one that follows the class image (ClassImage: m1 = x2)."""
+    train, held, C, probes, ds, _, _ = setup
+    keep = E.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
+    follow = E.evaluate_model(ClassImage(), train, held, probes, C, samples=48, leak_train=192)
+    for m in (keep, follow):
+        assert m["content_error"] == pytest.approx(sum(m["content_factor_error"].values()) / 5, rel=1e-5)
+        assert m["content_error_to_class"] == pytest.approx(sum(m["content_factor_error_to_class"].values()) / 5,
+                                                            rel=1e-5)
+        assert set(m["content_factor_error"]) == set(E.CONTENT_FACTORS)
+    assert keep["content_error"] < 0.3 < 0.6 < keep["content_error_to_class"]
+    assert follow["content_error_to_class"] < 0.3 < 0.6 < follow["content_error"]
+    assert follow["content_error_to_class"] == pytest.approx(keep["content_error"], abs=0.05)  # both real images
+    for f in ("cx", "cy", "background"):  # factors the probe reads well: each follows the right image
+        assert keep["content_factor_error"][f] < 0.5 < keep["content_factor_error_to_class"][f]
+        assert follow["content_factor_error_to_class"][f] < 0.5 < follow["content_factor_error"][f]
+    swapper = E.evaluate_model(PerfectSwapper(ds, [held, train]), train, held, probes, C, samples=48, leak_train=192)
+    assert swapper["content_error_to_class"] > 0.6
+    assert "vs content image / vs class image" in E.format_table(follow)
 
 
 def test_content_error_detects_wrong_content(setup):
