@@ -44,6 +44,7 @@ import torch
 from . import ablate_report as R
 from . import cpu_threads
 from . import evaluate as E
+from . import metrics as M
 from . import probes as P
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import config_to_dict
@@ -302,7 +303,7 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
                 synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
                 resize_to=opts.resize_to, samples=args.samples, probe_train=args.probe_train)
             cache = None if args.no_probe_cache else (args.probe_cache or P.default_cache_dir())
-            probes = E.build_probes(train_set, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
+            probes = M.build_probes(train_set, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
             prepared[size] = (train_set, held, num_classes, probes, where)
         return prepared[size]
 
@@ -325,7 +326,7 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
         if st == "ok":
             train_set, held, num_classes, probes, _ = data_for(plan.cfg.image_size)
             gen, _ = load_generator(SimpleNamespace(funit=None, checkpoint=str(plan.ckpt), raw=False, image_size=None))
-            run["metrics"] = E.evaluate_model(gen.to(device), train_set, held, probes, num_classes,
+            run["metrics"] = M.evaluate_model(gen.to(device), train_set, held, probes, num_classes,
                                               samples=args.samples, seed=args.seed, device=device)
             (Path(plan.opts.out) / "eval.json").write_text(json.dumps(run["metrics"], indent=2))
             grid = Path(plan.opts.out) / "samples" / f"step_{plan.opts.steps:07d}.png"

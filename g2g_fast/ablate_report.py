@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from . import evaluate as E
+from . import metrics as M
 
 COLUMNS = [("short L1", "recon_short_l1"), ("long L1", "recon_long_l1"), ("long PSNR", "recon_long_psnr"),
            ("swap acc", "swap_acc"), ("kept acc", "swap_kept_acc"), ("content err", "content_error"),
@@ -60,7 +60,7 @@ def variant_stats(runs: dict) -> tuple[dict, dict, dict]:
     runs."""
     ok = [r for r in runs.values() if r["status"] == "ok" and r.get("metrics")]
     metrics = mean_of([r["metrics"] for r in ok]) if ok else None
-    stats = {k: summarize([r["metrics"].get(k) for r in ok]) for k in E.METRIC_KEYS
+    stats = {k: summarize([r["metrics"].get(k) for r in ok]) for k in M.METRIC_KEYS
              if ok and not isinstance(ok[0]["metrics"].get(k), dict)}
     losses = mean_of([r["final_losses"] for r in runs.values() if r.get("final_losses")]) \
         if any(r.get("final_losses") for r in runs.values()) else {}
@@ -163,8 +163,8 @@ def targets(report: dict) -> dict:
 
 def _cell(stat: dict | None, value) -> str:
     if stat is None or stat["n"] < 2:
-        return E.fmt_value(value)
-    return f"{E.fmt_value(stat['mean'])} ± {E.fmt_value(stat['std'])}"
+        return M.fmt_value(value)
+    return f"{M.fmt_value(stat['mean'])} ± {M.fmt_value(stat['std'])}"
 
 
 def factor_table(report: dict) -> list[str]:
@@ -199,7 +199,7 @@ def format_report(report: dict) -> str:
         cells = [name, what or "-"]
         cells += ([_cell(stats.get(k), m.get(k)) for _, k in COLUMNS] if v["status"] == "ok" or (multi and m)
                   else [v["status"]] + ["-"] * (len(COLUMNS) - 1))
-        cells += [E.fmt_value(loss.get(k)) for _, k in LOSS_COLUMNS]
+        cells += [M.fmt_value(loss.get(k)) for _, k in LOSS_COLUMNS]
         cells.append(f"{v['train_s']:.0f}" if v.get("train_s") is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     ref = report.get("reference") or {}
@@ -208,9 +208,9 @@ def format_report(report: dict) -> str:
     steps = f"{report['steps']} steps" if report.get("steps") is not None else "steps as set per variant"
     lines += ["", f"{steps} per run, {runs}, {report['image_size']}x{report['image_size']}, data "
               f"{report['data']} ({report['heldout']}, {report['samples']} pairs); "
-              f"EMA generators. Chance: swap and class-leak accuracy {E.fmt_value(ref.get('swap_chance'))}; "
-              f"probes on real images: class accuracy {E.fmt_value(ref.get('probe_class_acc'))}, content error "
-              f"{E.fmt_value(ref.get('probe_content_error'))}. Loss columns: each unweighted term's mean over the "
+              f"EMA generators. Chance: swap and class-leak accuracy {M.fmt_value(ref.get('swap_chance'))}; "
+              f"probes on real images: class accuracy {M.fmt_value(ref.get('probe_class_acc'))}, content error "
+              f"{M.fmt_value(ref.get('probe_content_error'))}. Loss columns: each unweighted term's mean over the "
               f"last tenth of training (computed also when its weight is 0)"
               + (", averaged over the seeds" if multi else "") + ". train s: wall time of the "
               + ("variant's training, the first one's includes one-time start-up." if not multi else

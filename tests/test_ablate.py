@@ -10,7 +10,7 @@ from g2g_fast import ablate as A
 from g2g_fast import ablate_report as R
 from g2g_fast.checkpoint import load_checkpoint
 from g2g_fast.config import Funit2FunitConfig
-from g2g_fast.evaluate import METRIC_KEYS
+from g2g_fast.metrics import METRIC_KEYS
 
 TRAIN_FLAGS = ["--image-size", "32", "--batch-size", "4", "--log-every", "1", "--set", "nf=8", "--set", "nf_mlp=16",
                "--set", "latent_dim=8", "--set", "dis_nf=8", "--set", "dis_n_res_blks=4",

@@ -3,7 +3,7 @@ the same data, probes and metrics; every approach's checkpoint gets every metric
 import json
 
 from g2g_fast import ablate as A
-from g2g_fast.evaluate import METRIC_KEYS
+from g2g_fast.metrics import METRIC_KEYS
 from test_ablate_seeds import PROBE_FLAGS, SMALL_DATA, quick_probes  # noqa: F401 (an autouse fixture)
 
 

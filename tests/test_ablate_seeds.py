@@ -10,7 +10,7 @@ import torch
 from g2g_fast import ablate as A
 from g2g_fast import probes as P
 from g2g_fast.checkpoint import load_checkpoint
-from g2g_fast.evaluate import METRIC_KEYS
+from g2g_fast.metrics import METRIC_KEYS
 from test_ablate import TRAIN_FLAGS
 
 PROBE_FLAGS = ["--samples", "16", "--probe-train", "64", "--probe-steps", "20"]

@@ -8,7 +8,7 @@ import torch
 import g2g_fast.train as train_mod
 from g2g_fast import probes as P
 from g2g_fast.checkpoint import load_checkpoint
-from g2g_fast.evaluate import METRIC_KEYS
+from g2g_fast.metrics import METRIC_KEYS
 from g2g_fast.train import main
 
 TINY = {"funit2funit": ["nf=8", "nf_mlp=16", "latent_dim=8", "dis_nf=8", "dis_n_res_blks=4"],

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from g2g_fast import evaluate as E
+from g2g_fast import metrics as M
 from g2g_fast.data import SyntheticDataset
 
 SIZE, CLASSES = 32, 6
@@ -81,7 +82,7 @@ def setup(tmp_path_factory):
     cache = tmp_path_factory.mktemp("probes")
     train, held, C, identity, _ = E.prepare_data("synthetic", image_size=SIZE, synthetic_classes=CLASSES,
                                                  synthetic_per_class=64, samples=48, probe_train=288)
-    probes = E.build_probes(train, identity, cache)
+    probes = M.build_probes(train, identity, cache)
     ds = SyntheticDataset(image_size=SIZE, num_classes=CLASSES, per_class=64, split="test")
     return train, held, C, probes, ds, identity, cache
 
@@ -93,13 +94,13 @@ def test_render_helper_matches_the_dataset(setup):
 
 def test_perfect_swapper_scores_full_swap_and_no_content_error(setup):
     train, held, C, probes, ds, _, _ = setup
-    m = E.evaluate_model(PerfectSwapper(ds, [held, train]), train, held, probes, C, samples=48, leak_train=192)
+    m = M.evaluate_model(PerfectSwapper(ds, [held, train]), train, held, probes, C, samples=48, leak_train=192)
     assert m["probe_class_acc"] >= 0.9
     assert m["swap_acc"] >= 0.9 and m["swap_kept_acc"] <= 0.1
     # The mixes are real renders of (x2's class, x1's factors): the probe errs on them as on real images.
     assert m["content_error"] <= m["probe_content_error"] * 1.5 + 0.02
     assert m["content_error"] < 0.3
-    assert m["recon_long_l1"] < 1e-6 and m["recon_short_l1"] < 1e-6 and m["recon_long_psnr"] == E.PSNR_CAP
+    assert m["recon_long_l1"] < 1e-6 and m["recon_short_l1"] < 1e-6 and m["recon_long_psnr"] == M.PSNR_CAP
     # content codes = factors carry no class; class codes = one-hot labels carry no factors
     assert m["leak_class_from_content_acc"] <= 1 / C + 0.15
     assert m["leak_factors_from_class_r2"] < 0.1
@@ -107,9 +108,9 @@ def test_perfect_swapper_scores_full_swap_and_no_content_error(setup):
 
 def test_identity_scores_chance_swap_and_exact_reconstruction(setup):
     train, held, C, probes, _, _, _ = setup
-    m = E.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
+    m = M.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
     assert m["swap_acc"] <= 1 / C + 0.1 and m["swap_kept_acc"] >= 0.9
-    assert m["recon_short_l1"] == 0 and m["recon_long_l1"] == 0 and m["recon_short_psnr"] == E.PSNR_CAP
+    assert m["recon_short_l1"] == 0 and m["recon_long_l1"] == 0 and m["recon_short_psnr"] == M.PSNR_CAP
     # m1 = x1: the content is intact (the swap is what fails)
     assert m["content_error"] == pytest.approx(m["probe_content_error"], abs=0.1)
     assert m["leak_class_from_content_acc"] >= 0.8  # the content code is the image itself
@@ -119,47 +120,47 @@ def test_content_error_to_class_says_which_image_the_factors_follow(setup):
     """The per-factor errors against the content and the class image tell a mix that keeps its
     content (Identity: m1 = x1) from one that follows the class image (ClassImage: m1 = x2)."""
     train, held, C, probes, ds, _, _ = setup
-    keep = E.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
-    follow = E.evaluate_model(ClassImage(), train, held, probes, C, samples=48, leak_train=192)
+    keep = M.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
+    follow = M.evaluate_model(ClassImage(), train, held, probes, C, samples=48, leak_train=192)
     for m in (keep, follow):
         assert m["content_error"] == pytest.approx(sum(m["content_factor_error"].values()) / 5, rel=1e-5)
         assert m["content_error_to_class"] == pytest.approx(sum(m["content_factor_error_to_class"].values()) / 5,
                                                             rel=1e-5)
-        assert set(m["content_factor_error"]) == set(E.CONTENT_FACTORS)
+        assert set(m["content_factor_error"]) == set(M.CONTENT_FACTORS)
     assert keep["content_error"] < 0.3 < 0.6 < keep["content_error_to_class"]
     assert follow["content_error_to_class"] < 0.3 < 0.6 < follow["content_error"]
     assert follow["content_error_to_class"] == pytest.approx(keep["content_error"], abs=0.05)  # both real images
     for f in ("cx", "cy", "background"):  # factors the probe reads well: each follows the right image
         assert keep["content_factor_error"][f] < 0.5 < keep["content_factor_error_to_class"][f]
         assert follow["content_factor_error_to_class"][f] < 0.5 < follow["content_factor_error"][f]
-    swapper = E.evaluate_model(PerfectSwapper(ds, [held, train]), train, held, probes, C, samples=48, leak_train=192)
+    swapper = M.evaluate_model(PerfectSwapper(ds, [held, train]), train, held, probes, C, samples=48, leak_train=192)
     assert swapper["content_error_to_class"] > 0.6
-    assert "vs content image / vs class image" in E.format_table(follow)
+    assert "vs content image / vs class image" in M.format_table(follow)
 
 
 def test_content_error_detects_wrong_content(setup):
     """A swapper that renders x2's class with x2's content (= returns x2) has a large content error."""
     train, held, C, probes, _, _, _ = setup
-    i1, i2 = E.pair_indices(held.y, 48, 0)
-    wrong, _ = E.content_error(probes, held.x[i2], held.factors[i1])
-    right, _ = E.content_error(probes, held.x[i1], held.factors[i1])
+    i1, i2 = M.pair_indices(held.y, 48, 0)
+    wrong, _ = M.content_error(probes, held.x[i2], held.factors[i1])
+    right, _ = M.content_error(probes, held.x[i1], held.factors[i1])
     assert wrong > 0.6 and right < 0.3
 
 
 def test_metrics_are_deterministic_and_probes_cached(setup):
     train, held, C, probes, ds, identity, cache = setup
     assert len(list(cache.iterdir())) == 2
-    again = E.build_probes(train, identity, cache)  # loaded from the cache
+    again = M.build_probes(train, identity, cache)  # loaded from the cache
     x = held.x[:16]
     assert torch.equal(again.classifier.predict(x), probes.classifier.predict(x))
     assert torch.equal(again.regressor.predict(x), probes.regressor.predict(x))
     # retraining from scratch (a short recipe, to keep the test quick) gives the same probes
     small = train.subset(torch.arange(0, len(train), 4))
-    p1, p2 = (E.build_probes(small, None, None, steps=15) for _ in range(2))
+    p1, p2 = (M.build_probes(small, None, None, steps=15) for _ in range(2))
     assert torch.equal(p1.classifier.predict(x), p2.classifier.predict(x))
     assert torch.equal(p1.regressor.predict(x), p2.regressor.predict(x))
-    a = E.evaluate_model(Identity(), train, held, p1, C, samples=24, seed=3, leak_train=96)
-    b = E.evaluate_model(Identity(), train, held, p2, C, samples=24, seed=3, leak_train=96)
+    a = M.evaluate_model(Identity(), train, held, p1, C, samples=24, seed=3, leak_train=96)
+    b = M.evaluate_model(Identity(), train, held, p2, C, samples=24, seed=3, leak_train=96)
     assert json.dumps(a) == json.dumps(b)
 
 
@@ -176,9 +177,9 @@ def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
             "--probe-cache", str(tmp_path / "cache"), "--json", str(out), "--device", "cpu"]
     assert E.main(args) == 0
     report = json.loads(out.read_text())
-    assert set(report["metrics"]) == set(E.METRIC_KEYS)
+    assert set(report["metrics"]) == set(M.METRIC_KEYS)
     assert report["num_classes"] == 4 and report["image_size"] == 32
-    assert all(report["metrics"][k] is not None for k in E.METRIC_KEYS)
+    assert all(report["metrics"][k] is not None for k in M.METRIC_KEYS)
     assert "class swap accuracy" in capsys.readouterr().out
     out2 = tmp_path / "m2.json"
     assert E.main(args[:-3] + [str(out2), "--device", "cpu"]) == 0   # probes from the cache

@@ -5,20 +5,21 @@ import pytest
 import torch
 
 from g2g_fast import evaluate as E
+from g2g_fast import metrics as M
 from test_inference import tiny_checkpoint
 
 
 def test_kshot_indices():
     y = torch.arange(5).repeat_interleave(6)[torch.randperm(30, generator=torch.Generator().manual_seed(1))]
     idx = torch.tensor([0, 7, 7, 29, 12])
-    rows = E.kshot_indices(y, idx, 4, seed=3)
+    rows = M.kshot_indices(y, idx, 4, seed=3)
     assert rows.shape == (5, 4) and torch.equal(rows[:, 0], idx)
     assert all(len(set(r.tolist())) == 4 and (y[r] == y[r[0]]).all() for r in rows)  # K distinct, one class
-    assert torch.equal(rows, E.kshot_indices(y, idx, 4, seed=3))
-    assert not torch.equal(rows, E.kshot_indices(y, idx, 4, seed=4))
-    assert torch.equal(E.kshot_indices(y, idx, 1, seed=3), idx[:, None])
+    assert torch.equal(rows, M.kshot_indices(y, idx, 4, seed=3))
+    assert not torch.equal(rows, M.kshot_indices(y, idx, 4, seed=4))
+    assert torch.equal(M.kshot_indices(y, idx, 1, seed=3), idx[:, None])
     with pytest.raises(ValueError, match="--k-shot 7: class .* has only 6 held-out images"):
-        E.kshot_indices(y, idx, 7, seed=3)
+        M.kshot_indices(y, idx, 7, seed=3)
 
 
 class Shift:
@@ -47,17 +48,17 @@ def test_evaluate_model_uses_the_k_shot_mean():
     x = torch.rand(32, 3, 8, 8, generator=g) - 0.5
     x += torch.rand(32, 3, 1, 1, generator=g) - 0.5  # each image its own mean colour
     x = x.clamp(-0.8, 0.8)
-    held = E.ImageSet(x, torch.arange(4).repeat(8))
+    held = M.ImageSet(x, torch.arange(4).repeat(8))
     codes = Shift().encode_class(x)
 
     def short_l1(k):
-        m = E.evaluate_model(Shift(), held, held, ZeroProbes(), 4, samples=24, seed=2, batch=5, leak_train=32,
+        m = M.evaluate_model(Shift(), held, held, ZeroProbes(), 4, samples=24, seed=2, batch=5, leak_train=32,
                              k_shot=k)
         return m["recon_short_l1"]
 
-    i1, i2 = E.pair_indices(held.y, 24, 2)
+    i1, i2 = M.pair_indices(held.y, 24, 2)
     assert short_l1(1) == pytest.approx(torch.cat([codes[i1], codes[i2]]).abs().mean().item(), abs=1e-7)
-    b1, b2 = (codes[E.kshot_indices(held.y, i, 3, 2 + j)].mean(1) for j, i in enumerate((i1, i2)))
+    b1, b2 = (codes[M.kshot_indices(held.y, i, 3, 2 + j)].mean(1) for j, i in enumerate((i1, i2)))
     assert short_l1(3) == pytest.approx(torch.cat([b1, b2]).abs().mean().item(), abs=1e-7)
     assert abs(short_l1(3) - short_l1(1)) > 1e-3
 
@@ -70,7 +71,7 @@ def test_cli_k_shot(tmp_path, capsys):
     assert E.main(base + ["--json", str(tmp_path / "k3.json"), "--k-shot", "3"]) == 0
     k1, k3 = (json.loads((tmp_path / f).read_text()) for f in ("k1.json", "k3.json"))
     assert k1["k_shot"] == 1 and k3["k_shot"] == 3
-    assert set(k3["metrics"]) == set(E.METRIC_KEYS)
+    assert set(k3["metrics"]) == set(M.METRIC_KEYS)
     assert k3["metrics"]["recon_short_l1"] != k1["metrics"]["recon_short_l1"]
     # leakage uses per-image codes: the same with and without K-shot
     assert k3["metrics"]["leak_class_from_content_acc"] == k1["metrics"]["leak_class_from_content_acc"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from g2g_fast import plot as PL
-from g2g_fast.evaluate import METRIC_KEYS
+from g2g_fast.metrics import METRIC_KEYS
 
 
 def write_run(folder, swap, steps=(10, 20, 30), losses=(1.0, 2.0, 3.0, 4.0), extra_lines=()):
