@@ -17,7 +17,7 @@ gate compiles exactly what the JIT would on the GPU:
            through Triton's on-disk cache; ptxas's `-v` log (TRITON_DUMP_PTXAS_LOG) is parsed and
            kept beside the cached kernel, so a warm cache still reports its counts.
 
-Launch sets (`cases`): "ci" is the FUNIT generator's adain variants at its stage shapes (batch
+Launch sets (`aot_cases.cases`): "ci" is the FUNIT generator's adain variants at its stage shapes (batch
 FUNIT_B = 64 of bench/_shapes.py and FUNIT2FUNIT's training batch of 8), forward and backward, in
 the two benchmarked formats (bf16 channels_last, fp32 NCHW), plus the format mixes of the sub-pixel
 decoder and the INT64 specialisation of each plan kind (88 compilations, ~40 s on 2 cores from
@@ -49,92 +49,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._utils import TARGETS
+from .aot_cases import DTYPES, FORMATS, VARIANTS, Case, cases
 
 ARCHS = {90: "h100", 80: "a100"}       # compute capability x 10 -> planning Target
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
-# (weight/bias: None, "bc" (per sample, AdaIN) or "c" (affine IN), act, residual)
-VARIANTS = {
-    "in_relu": (None, "relu", False),       # content encoder convs, decoder upsampling path
-    "in_res": (None, "none", True),         # content ResBlocks' second norm + skip add
-    "adain_relu": ("bc", "relu", False),    # decoder AdaIN ResBlocks' first norm
-    "adain_res": ("bc", "none", True),      # decoder AdaIN ResBlocks' second norm + skip add
-    "bench": ("bc", "relu", True),          # the benchmarked epilogue (bench/_shapes.py)
-    "affine_lrelu": ("c", "lrelu", False),  # not in FUNIT's G: the remaining flag combination
-}
-# bench/_shapes.py's FUNIT_B and FUNIT_SHAPES (a test keeps them equal; kernels/ cannot import bench/)
-# and FUNIT2FUNIT's training batch (g2g_fast/config.py), whose channels_last stages plan the split path.
-FUNIT_B, TRAIN_B = 64, 8
-FUNIT_SHAPES = ((64, 128, 128), (128, 64, 64), (256, 32, 32), (512, 16, 16))
-# Where the generator uses each variant: IN + relu at every stage, the ResBlocks at the bottleneck.
-FUNIT_USE = {"in_relu": FUNIT_SHAPES, "in_res": FUNIT_SHAPES[3:], "adain_relu": FUNIT_SHAPES[3:],
-             "adain_res": FUNIT_SHAPES[3:]}
-# Past 2^31 elements (INT64 offsets), one per plan kind (CI: in the format that plans it so):
-# fused (NCHW), two-pass, split (channels_last, B = 1).
-HUGE = {(64, 2048, 128, 128): ("fp32", "nchw"), (64, 256, 512, 512): ("bf16", "cl"),
-        (1, 8, 16384, 16384): ("bf16", "cl")}
-EDGE = ((64, 512, 1, 1), (3, 63, 7, 9), (5, 3, 13, 11), (64, 63, 32, 32), (64, 2048, 8, 8),
-        (4, 2048, 4, 4), (8, 64, 256, 256), (64, 64, 256, 256), (2, 32, 512, 512), (1, 64, 512, 512),
-        (2, 8, 16, 16), (2, 32, 4, 4))
-
-
-class Case(NamedTuple):
-    """One launcher call: `direction` "fwd" (adain_fwd) or "bwd" (adain_bwd)."""
-    variant: str
-    shape: tuple          # (B, C, H, W)
-    dtype: str            # of x, dy, residual (and of weight/bias unless param_dtype)
-    fmt: str              # x's memory format: "nchw" | "cl"
-    other_fmt: str        # dy's (bwd) or the residual's (fwd) format: a mix when != fmt
-    direction: str
-    param_dtype: Optional[str] = None
-
-    def label(self) -> str:
-        """x's format, and the other tensor's when they differ: "cl", "cl+dy:nchw", "nchw+res:cl"."""
-        if self.other_fmt == self.fmt:
-            return self.fmt
-        return f"{self.fmt}+{'dy' if self.direction == 'bwd' else 'res'}:{self.other_fmt}"
-
-
-def cases(kind: str = "ci") -> list[Case]:
-    """The launch set: "ci" (the FUNIT generator in the benchmarked formats, mixes, INT64) or
-    "full" (every dtype x format, every variant at every FUNIT shape, the edge shapes)."""
-    full = kind == "full"
-    # (dtype, x's format): CI compiles the two that bench/_shapes.py benchmarks (the fast backend's
-    # bf16 channels_last, the fp32 NCHW of plain models); --full every combination.
-    formats = ([(d, f) for d in ("bf16", "fp32", "fp16") for f in FORMATS] if full
-               else [("bf16", "cl"), ("fp32", "nchw")])
-    out = []
-
-    def add(variant, shape, dtype, fmt, other=None, dirs=("fwd", "bwd"), **kw):
-        out.extend(Case(variant, tuple(shape), dtype, fmt, other or fmt, d, **kw) for d in dirs)
-
-    use = {v: FUNIT_SHAPES for v in VARIANTS} if full else FUNIT_USE
-    for variant, shapes in use.items():
-        for B in (FUNIT_B, TRAIN_B):
-            for C, H, W in shapes:
-                for dtype, fmt in formats:
-                    add(variant, (B, C, H, W), dtype, fmt)
-                    # Format mixes (the sub-pixel decoder's conv output and the gradient reaching
-                    # it can differ; a skip's residual too): the launchers copy the odd tensor
-                    # into x's layout, so these must compile to the kernels above.
-                    other = "nchw" if fmt == "cl" else "cl"
-                    add(variant, (B, C, H, W), dtype, fmt, other,
-                        dirs=("fwd", "bwd") if VARIANTS[variant][2] else ("bwd",))
-    for shape, ci_format in HUGE.items():
-        for dtype, fmt in formats if full else [ci_format]:
-            add("adain_res", shape, dtype, fmt)
-            if full:
-                add("in_relu", shape, dtype, fmt)
-    if full:
-        for shape in EDGE:
-            for variant in ("in_relu", "bench", "affine_lrelu"):
-                for dtype, fmt in formats:
-                    add(variant, shape, dtype, fmt)
-        for C, H, W in FUNIT_SHAPES:   # fp32 AdaIN parameters with bf16 activations
-            for fmt in FORMATS:
-                add("adain_res", (FUNIT_B, C, H, W), "bf16", fmt, param_dtype="fp32")
-    return list(dict.fromkeys(out))
-
 
 # --------------------------------------------------------------------------------------------
 # Recording: the launchers on meta tensors, kernels replaced by recorders.

@@ -3,7 +3,7 @@ the CPU by `kernels/aot.py`, must compile with no register spill and no stack fr
 
 The interpreter tests cannot see register pressure; ptxas can. The gate needs the JIT kernels,
 not the interpreter's, so it runs in a subprocess with TRITON_INTERPRET=0 (conftest sets 1).
-The CI set (`kernels.aot.cases("ci")`, 88 compilations) takes ~40 s on 2 cores from a cold Triton
+The CI set (`kernels.aot_cases.cases("ci")`, 88 compilations) takes ~40 s on 2 cores from a cold Triton
 cache (85 s beside two busy processes), ~12 s warm; `python -m kernels.aot --full` is the bench
 sweep (1647 compilations, ~20 minutes cold; bench/results/compile_sm90.md).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import aot
+from kernels import aot, aot_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_90", "sm_80")
@@ -48,13 +48,13 @@ def test_launch_set_is_the_benchmarked_funit_generator():
         import _shapes
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    assert (aot.FUNIT_B, aot.FUNIT_SHAPES) == (_shapes.FUNIT_B, tuple(map(tuple, _shapes.FUNIT_SHAPES)))
-    ci = aot.cases("ci")
-    names = {(d, f): (dn, fn) for dn, d in aot.DTYPES.items() for fn, f in aot.FORMATS.items()}
+    assert (aot_cases.FUNIT_B, aot_cases.FUNIT_SHAPES) == (_shapes.FUNIT_B, tuple(map(tuple, _shapes.FUNIT_SHAPES)))
+    ci = aot_cases.cases("ci")
+    names = {(d, f): (dn, fn) for dn, d in aot_cases.DTYPES.items() for fn, f in aot_cases.FORMATS.items()}
     assert {(c.dtype, c.fmt) for c in ci} == {names[v] for v in _shapes.FORMATS.values()}
-    assert {(aot.FUNIT_B, *s) for s in aot.FUNIT_SHAPES} <= {c.shape for c in ci}
+    assert {(aot_cases.FUNIT_B, *s) for s in aot_cases.FUNIT_SHAPES} <= {c.shape for c in ci}
     assert {c.other_fmt for c in ci if c.fmt == "cl"} == {"cl", "nchw"}            # the format mixes
-    assert set(aot.cases("ci")) < set(aot.cases("full"))
+    assert set(aot_cases.cases("ci")) < set(aot_cases.cases("full"))
 
 
 def test_every_kernel_compiled_for_both_archs(ci):
@@ -85,9 +85,9 @@ def test_gate_reports_a_spilling_plan():
     show up as spill stores, spill loads and a stack frame."""
     code = (
         "import json\n"
-        "from kernels import aot, instance_norm as K\n"
+        "from kernels import aot, aot_cases, instance_norm as K\n"
         "K.FORCE_PLAN = dict(kind='fused', block_c=1)\n"
-        "case = aot.Case('in_relu', (1, 1, 256, 256), 'fp32', 'nchw', 'nchw', 'fwd')\n"
+        "case = aot_cases.Case('in_relu', (1, 1, 256, 256), 'fp32', 'nchw', 'nchw', 'fwd')\n"
         "print(json.dumps(aot.run_gate([case], archs=(90,), jobs=1)))\n")
     proc = _run(None, code=code, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
