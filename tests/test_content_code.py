@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from g2g_fast.config import config_from_dict
-from g2g_fast.evaluate import ImageSet, Probes, evaluate_model
+from g2g_fast.metrics import ImageSet, Probes, evaluate_model
 from g2g_fast.models import Generator
 from g2g_fast.probes import train_image_probe
 from g2g_fast.reference import funit as ref_funit
