@@ -8,29 +8,50 @@ E_B(x2)): the centroid of the pixels that differ most from the image's border co
 fifth), correlated with x1's (content) and x2's (class) true centre; and the mean of the mix's top
 row (background) correlated with either image's background grey.
 """
-import torch
 from types import SimpleNamespace
-from g2g_fast import evaluate as E, metrics as M
+
+import torch
+
+from g2g_fast import evaluate as E
+from g2g_fast import metrics as M
 from g2g_fast.translate import load_generator
-torch.set_num_threads(1)
-train, held, nc, ident, where = E.prepare_data("synthetic", image_size=32, seed=0, synthetic_classes=8, synthetic_per_class=256, samples=256)
-i1, i2 = M.pair_indices(held.y, 256, 0)
-s1, s2 = held.subset(i1), held.subset(i2)
-def centroid(x):
-    # saliency: distance of each pixel from the image's border median colour
-    b = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2).median(2).values[:, :, None, None]
-    w = (x - b).abs().sum(1)
+
+
+def centroid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, S, S) in [-1, 1] -> the (x, y) centroid in [-1, 1] of each image's most salient
+    fifth of pixels (distance from the median colour of its border)."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], 2)
+    w = (x - border.median(2).values[:, :, None, None]).abs().sum(1)
     w = (w - w.flatten(1).quantile(0.8, dim=1)[:, None, None]).clamp(min=0)
     g = torch.linspace(-1, 1, x.shape[-1])
-    tot = w.sum((1, 2)) + 1e-8
-    return (w.sum(1) * g).sum(1) / tot, (w.sum(2) * g).sum(1) / tot
-def corr(a, b):
-    a, b = a - a.mean(), b - b.mean(); return (a * b).sum() / (a.norm() * b.norm())
-cx_real, cy_real = centroid(s1.x)
-print("real images: corr(centroid x, cx) %.2f" % corr(cx_real, s1.factors[:, 0]))
-for s in (0, 1, 2):
-    gen, _ = load_generator(SimpleNamespace(funit=None, checkpoint=f"runs/ablation/all_on/seed_{s}/checkpoints/last.pt", raw=False, image_size=None))
-    out = M.run_pairs(gen, s1.x, s2.x)
-    mx, my = centroid(out["m1"])
-    print(f"seed {s}: corr(mix centroid x, content cx) {corr(mx, s1.factors[:,0]):.2f}, with class cx {corr(mx, s2.factors[:,0]):.2f}; "
-          f"y: {corr(my, s1.factors[:,1]):.2f} / {corr(my, s2.factors[:,1]):.2f}; bg: mix border vs content bg {corr(out['m1'][:, :, 0].mean((1,2)), s1.factors[:,4]):.2f}, vs class bg {corr(out['m1'][:, :, 0].mean((1,2)), s2.factors[:,4]):.2f}")
+    total = w.sum((1, 2)) + 1e-8
+    return (w.sum(1) * g).sum(1) / total, (w.sum(2) * g).sum(1) / total
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return ((a * b).sum() / (a.norm() * b.norm())).item()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    _, held, _, _, _ = E.prepare_data("synthetic", image_size=32, seed=0, synthetic_classes=8,
+                                      synthetic_per_class=256, samples=256)
+    i1, i2 = M.pair_indices(held.y, 256, 0)
+    s1, s2 = held.subset(i1), held.subset(i2)
+    print("real images: corr(centroid x, cx) %.2f" % corr(centroid(s1.x)[0], s1.factors[:, 0]))
+    for s in (0, 1, 2):
+        ckpt = f"runs/ablation/all_on/seed_{s}/checkpoints/last.pt"
+        gen, _ = load_generator(SimpleNamespace(funit=None, checkpoint=ckpt, raw=False, image_size=None))
+        m1 = M.run_pairs(gen, s1.x, s2.x)["m1"]
+        mx, my = centroid(m1)
+        bg = m1[:, :, 0].mean((1, 2))  # the top row
+        print(f"seed {s}: corr(mix centroid x, content cx) {corr(mx, s1.factors[:, 0]):.2f}, "
+              f"with class cx {corr(mx, s2.factors[:, 0]):.2f}; "
+              f"y: {corr(my, s1.factors[:, 1]):.2f} / {corr(my, s2.factors[:, 1]):.2f}; "
+              f"bg: mix border vs content bg {corr(bg, s1.factors[:, 4]):.2f}, "
+              f"vs class bg {corr(bg, s2.factors[:, 4]):.2f}")
+
+
+if __name__ == "__main__":
+    main()
