@@ -1,9 +1,11 @@
 """gpu_report.py's kernel sections: `parity` (kernels.adain against its fp32 reference at the
 FUNIT shapes), `bandwidth` (AdaIN GB/s per provider, format, shape and mode) and `plans` (the
-Triton launch plans measured against each other per layer), with their markdown. `ctx` is
-gpu_report's Ctx (dev, B, shapes, impl, reps, warmup, smoke, report, skip(), error(), free())."""
+Triton launch plans measured against each other per batch and layer), with their markdown. `ctx`
+is a section's Ctx (bench/_report_child.py: dev, B, plan_batches, shapes, impl, reps, warmup, smoke,
+report, skip(), error(), free(), flush())."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -88,6 +90,7 @@ def parity(ctx, out: dict) -> None:
                 row["seconds"] = round(time.monotonic() - t, 2)
                 out["rows"].append(row)
                 ctx.free()
+                ctx.flush()
     out["all_pass"] = bool(out["rows"]) and all(r["ok"] for r in out["rows"])
 
 
@@ -121,7 +124,8 @@ def bandwidth(ctx, out: dict) -> None:
                                             error=ctx.error(where, e)))
                 inp = dy = None
                 ctx.free()
-    out["summary"] = _summary(out["rows"])
+                out["summary"] = _summary(out["rows"])
+                ctx.flush()
 
 
 # Candidate plans (plan()'s forced keyword arguments; None: the default). "twopass-sector": rows a
@@ -131,9 +135,23 @@ PLAN_FORMAT = "bf16-channels_last"
 PLAN_SLOWER = 1.03   # the default is kept unless a candidate is > 3% faster
 
 
-def _plan_candidates(x, target) -> dict:
+@contextlib.contextmanager
+def _forced(force: dict | None):
+    """kernels.instance_norm.FORCE_PLAN = `force` for one candidate; FORCE_PLAN, FORCE_TARGET and
+    FORCE_INT64 are restored afterwards, whatever happens (a plan left forced would be the
+    "default" of the next shape, and hide its fused candidate)."""
     from kernels import instance_norm as KI
-    auto = KI.plan(x, target, x.element_size())
+    saved = KI.FORCE_PLAN, KI.FORCE_TARGET, KI.FORCE_INT64
+    KI.FORCE_PLAN = force
+    try:
+        yield KI
+    finally:
+        KI.FORCE_PLAN, KI.FORCE_TARGET, KI.FORCE_INT64 = saved
+
+
+def _plan_candidates(x, target) -> dict:
+    with _forced(None) as KI:  # plan()'s own default, whatever an earlier caller forced
+        auto = KI.plan(x, target, x.element_size())
     sector = max(1, min(32 // x.element_size(), x.shape[1]))
     cands = {"auto": None, "split": dict(kind="split"), "twopass": dict(kind="twopass"),
              "twopass-sector": dict(kind="twopass", block_c=sector),
@@ -144,57 +162,77 @@ def _plan_candidates(x, target) -> dict:
     return cands
 
 
+def _plan_row(ctx, target, fn, inp, dy, force, flush, copy) -> dict:
+    """One candidate's plans and per-mode ms / GB/s on one input."""
+    x = inp["x"]
+    B, C, H, W = x.shape
+    row = {}
+    with _forced(force) as KI:
+        row["fwd_plan"] = tuple(KI.plan(x, target, x.element_size()))
+        row["bwd_plan"] = tuple(KI.plan(x, target, 2 * x.element_size(), backward=True))
+        for mode in S.MODES:
+            ms = S.median_ms(S.make_step(fn, inp, mode, dy), ctx.dev, warmup=ctx.warmup, reps=ctx.reps, flush=flush)
+            gbps = S.ledger_bytes(mode, B, C, H, W, x.dtype) / (ms * 1e-3) / 1e9
+            row[mode] = dict(ms=ms, gbps=gbps, frac_of_copy_bw=gbps / copy if copy else None)
+    return row
+
+
 def plans(ctx, out: dict) -> None:
-    """Each candidate plan per FUNIT layer (bf16 channels_last, the benchmarked epilogue) and
-    mode: GB/s from the byte ledger, and whether plan()'s default is the fastest."""
-    from kernels import instance_norm as KI
+    """Each candidate plan per batch (ctx.plan_batches: the training default 8 and 64), FUNIT layer
+    (bf16 channels_last, the benchmarked epilogue) and mode: GB/s from the byte ledger, and whether
+    plan()'s default is the fastest."""
     from kernels._utils import target_of
     dtype, mf = S.FORMATS[PLAN_FORMAT]
     copy = ctx.report.get("peaks", {}).get("copy_gbps")
     target = target_of(ctx.dev)
-    out.update(format=PLAN_FORMAT, target=str(target), rows=[], decisions=[])
+    out.update(format=PLAN_FORMAT, target=str(target), batches=list(ctx.plan_batches), rows=[],
+               decisions=[])
     flush = S.l2_flush_buffer(ctx.dev)
     fn = S.make_provider("triton", impl=ctx.impl)
-    try:
+    for B in ctx.plan_batches:
         for C, H, W in ctx.shapes:
-            shape = f"{ctx.B}x{S.shape_id(C, H, W)}"
+            shape = f"{B}x{S.shape_id(C, H, W)}"
             if ctx.skip(f"plans {shape}", 15):
                 continue
-            inp = S.make_inputs(ctx.B, C, H, W, dtype, mf, ctx.dev)
+            inp = S.make_inputs(B, C, H, W, dtype, mf, ctx.dev)
             dy = S.grad_like(inp["x"])
-            best = {}
+            rows = []
             for name, force in _plan_candidates(inp["x"], target).items():
-                KI.FORCE_PLAN = force
-                row = dict(shape=shape, plan=name)
+                row = dict(batch=B, shape=shape, plan=name)
                 try:
-                    row["fwd_plan"] = tuple(KI.plan(inp["x"], target, inp["x"].element_size()))
-                    row["bwd_plan"] = tuple(KI.plan(inp["x"], target, 2 * inp["x"].element_size(), backward=True))
-                    for mode in S.MODES:
-                        ms = S.median_ms(S.make_step(fn, inp, mode, dy), ctx.dev, warmup=ctx.warmup,
-                                         reps=ctx.reps, flush=flush)
-                        gbps = S.ledger_bytes(mode, ctx.B, C, H, W, dtype) / (ms * 1e-3) / 1e9
-                        row[mode] = dict(ms=ms, gbps=gbps, frac_of_copy_bw=gbps / copy if copy else None)
-                        if mode not in best or ms < best[mode][1]:
-                            best[mode] = (name, ms)
+                    row.update(_plan_row(ctx, target, fn, inp, dy, force, flush, copy))
                 except Exception as e:
                     row["error"] = ctx.error(f"plans {shape} {name}", e)
-                out["rows"].append(row)
-            auto = {r["plan"]: r for r in out["rows"] if r["shape"] == shape}.get("auto", {})
-            for mode, (name, ms) in best.items():
-                a = auto.get(mode, {}).get("ms")
-                keep = a is not None and a <= ms * PLAN_SLOWER
-                out["decisions"].append(dict(shape=shape, mode=mode, best=name, best_ms=ms, auto_ms=a,
-                                             keep_default=keep))
+                rows.append(row)
+            out["rows"] += rows
+            out["decisions"] += _decisions(shape, rows)
             inp = dy = None
             ctx.free()
-    finally:
-        KI.FORCE_PLAN = None
-    changes = [d for d in out["decisions"] if not d["keep_default"]]
-    out["verdict"] = ("keep plan()'s defaults: no candidate is more than 3% faster anywhere" if not changes else
-                      "change plan(): " + "; ".join(f"{d['shape']} {d['mode']}: {d['best']} "
-                                                    f"{d['best_ms']:.3f} ms vs default {f(d['auto_ms'], '.3f')} ms"
-                                                    for d in changes))
-    print(f"[gpu_report] plans DECISION: {out['verdict']}", file=sys.stderr, flush=True)
+            out["verdict"] = _verdict(out["decisions"])  # so far: a cut keeps a verdict on what ran
+            ctx.flush()
+    print(f"[gpu_report] plans DECISION: {out.get('verdict', 'none (no shape ran)')}", file=sys.stderr, flush=True)
+
+
+def _verdict(decisions: list) -> str:
+    changes = [d for d in decisions if not d["keep_default"]]
+    return ("keep plan()'s defaults: no candidate is more than 3% faster anywhere" if not changes else
+            "change plan(): " + "; ".join(f"{d['shape']} {d['mode']}: {d['best']} {d['best_ms']:.3f} ms vs "
+                                          f"default {f(d['auto_ms'], '.3f')} ms" for d in changes))
+
+
+def _decisions(shape: str, rows: list) -> list:
+    """Per mode: the fastest candidate, and whether plan()'s default is within PLAN_SLOWER of it."""
+    auto = next((r for r in rows if r["plan"] == "auto"), {})
+    out = []
+    for mode in S.MODES:
+        timed = [(r[mode]["ms"], r["plan"]) for r in rows if mode in r]
+        if not timed:
+            continue
+        ms, best = min(timed, key=lambda t: t[0])  # the first of equals: auto on a tie
+        a = auto.get(mode, {}).get("ms")
+        out.append(dict(shape=shape, mode=mode, best=best, best_ms=ms, auto_ms=a,
+                        keep_default=a is not None and a <= ms * PLAN_SLOWER))
+    return out
 
 
 def plans_markdown(pl: dict) -> list:

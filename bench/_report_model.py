@@ -1,24 +1,24 @@
-"""gpu_report.py's model sections: `model_parity` (the fast backend against the fp32 reference,
-FUNIT2FUNIT) and `train_step` (img/s, MFU and memory per provider, issue 5's targets), with their
-markdown. `ctx` is gpu_report's Ctx (dev, smoke, scale, step_reps, model_impl,
-step_compile_backend, matmul_n, reps, report, skip(), error(), free(), flush())."""
+"""gpu_report.py's training-step sections, with their markdown: `train_step` (every eager provider
+of bench/_train.py, each approach at every batch of ctx.step_batches: 8, FUNIT2FUNIT's training
+default, and 64; img/s, MFU and memory, issue 5's targets, and the predicted step time of
+bench/results/step_ledger.json beside the measured one) and `train_step_compile` (the
+torch.compile providers, the slowest to set up, run last on the time the other sections left; its
+summary covers both sections' rows). `ctx` is gpu_report's Ctx (bench/_report_child.py)."""
 from __future__ import annotations
 
-import copy
 import statistics
+import sys
 import time
 
 import torch
 
+import _report_ledger as LG
 import _shapes as S
 import _train as T
 from _report_common import f, verdict
+from _report_parity import describe
 
-# Model parity: relative max error bounds per G2G output stage and per network's gradients.
-PARITY_TOL = {"stage1": 1e-4, "stage2": 1e-3, "g_grad": 0.1, "d_grad": 1e-4}
-STAGE1, STAGE2 = ("m1", "m2", "s1", "s2"), ("r1", "r2")
-PARITY_VALUES = dict(image_size=128, batch_size=8)  # FUNIT widths (config defaults)
-# The row whose iteration is profiled kernel by kernel ("where the time goes", issue 5).
+# The row whose iteration is profiled kernel by kernel ("where the time goes", issue 5), at every batch.
 PROFILED = ("funit2funit", "fast")
 PROFILE_STEPS, PROFILE_TOP = 2, 20
 # Kernel (or, on the CPU, aten op) name fragments -> category, first match wins.
@@ -37,88 +37,8 @@ CATEGORIES = (
 # Issue 5's training-step targets for fast on FUNIT2FUNIT; "max" marks an upper bound.
 STEP_TARGETS = {"vs_reference_fp32": (3.0, "min"), "vs_best_stock": (1.5, "min"),
                 "peak_memory_ratio": (0.6, "max"), "mfu": (0.35, "min")}
-
-
-def _rel_max(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max|got - want| / max|want| (nan if got is not finite)."""
-    got, want = got.detach().float(), want.detach().float()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-
-
-def _grad_rel(fast_net, ref_net) -> tuple[float, list[str]]:
-    """||g_fast - g_ref|| / ||g_ref|| over all parameters with a reference gradient, and the names
-    of those the fast side has no gradient for."""
-    fast = dict(fast_net.named_parameters())
-    num = den = 0.0
-    missing = []
-    for n, p in ref_net.named_parameters():
-        if p.grad is None:
-            continue
-        if fast[n].grad is None:
-            missing.append(n)
-            continue
-        g = p.grad.float()
-        num += (fast[n].grad.float() - g).pow(2).sum().item()
-        den += g.pow(2).sum().item()
-    return (num / den) ** 0.5 if den > 0 else float("nan"), missing
-
-
-def _phase_parity(ref, fast, phase: str, x, xc, y) -> dict:
-    """One `phase` step ("g" or "d") on each side; gradient and loss errors."""
-    lr = getattr(ref, f"{phase}_step")(x, y)
-    lf = getattr(fast, f"{phase}_step")(xc, y)
-    nets = (fast.gen, ref.gen) if phase == "g" else (fast.dis, ref.dis)
-    err, missing = _grad_rel(*nets)
-    tol = PARITY_TOL[f"{phase}_grad"]
-    loss_err = max(abs(lf[k].item() - lr[k].item()) / max(abs(lr[k].item()), 1e-12) for k in lr)
-    return dict(grad_rel_err=err, tol=tol, missing_grads=missing, loss_max_rel_err=loss_err,
-                ok=bool(err <= tol) and not missing)
-
-
-def model_parity(ctx, out: dict) -> None:
-    from g2g_fast.backends import FastBackend
-    from g2g_fast.config import config_from_dict
-    from g2g_fast.reference.g2g import g2g_forward, make_pairs
-    from g2g_fast.reference.steps import build_approach
-    values = T.SMOKE_VALUES["funit2funit"] if ctx.smoke else PARITY_VALUES
-    out.update(approach="funit2funit", config=values, tolerances=PARITY_TOL, rule=(
-        "outputs: max|fast-ref|/max|ref| (stage 1 m1 m2 s1 s2 <= 1e-4, stage 2 r1 r2 <= 1e-3); gradients "
-        "after one step each from identical states: ||g_fast-g_ref|| / ||g_ref|| over all parameters "
-        "(G <= 0.1, D <= 1e-4); fp32, TF32 off"))
-    ref = fast = None
-    try:
-        with T.numerics("reference-fp32"):  # both sides true fp32
-            cfg = config_from_dict("funit2funit", values)
-            torch.manual_seed(0)
-            ref = build_approach(cfg, T.NUM_CLASSES, ctx.dev)
-            fast = build_approach(cfg, T.NUM_CLASSES, ctx.dev, backend=FastBackend())
-            if ctx.model_impl:
-                fast.gen.impl = ctx.model_impl
-            # A deepcopy: loading the reference's own tensors would alias the optimiser states.
-            fast.load_state_dict(copy.deepcopy(ref.state_dict()))
-            out["describe"] = fast.backend.describe(fast)
-            if ctx.model_impl:
-                out["describe"]["kernels"] = f"adain:{ctx.model_impl} (forced)"
-            x, y = T.make_batch(cfg, ctx.dev)
-            xc = x.contiguous(memory_format=torch.channels_last)
-            (x1, _, x2, _), (xc1, _, xc2, _) = make_pairs(x, y, cfg.pairing), make_pairs(xc, y, cfg.pairing)
-            with torch.no_grad():
-                o_ref = g2g_forward(ref.gen, x1, x2, short=True)
-                o_fast = g2g_forward(fast.gen, xc1, xc2, short=True)
-            out["outputs"] = {}
-            for name in STAGE1 + STAGE2:
-                err = _rel_max(getattr(o_fast, name), getattr(o_ref, name))
-                tol = PARITY_TOL["stage1" if name in STAGE1 else "stage2"]
-                out["outputs"][name] = dict(rel_err=err, tol=tol, ok=bool(err <= tol))
-            del o_ref, o_fast
-            out["g_step"] = _phase_parity(ref, fast, "g", x, xc, y)
-            fast.load_state_dict(copy.deepcopy(ref.state_dict()))  # identical states again for D
-            out["d_step"] = _phase_parity(ref, fast, "d", x, xc, y)
-    finally:
-        out["all_pass"] = (bool(out.get("outputs")) and all(o["ok"] for o in out["outputs"].values())
-                           and out.get("g_step", {}).get("ok", False) and out.get("d_step", {}).get("ok", False))
-        del ref, fast
-        ctx.free()
+# Seconds of the section's budget a row needs to start (GPU; --smoke: 2).
+ROW_NEED_S, COMPILED_ROW_NEED_S = 20, 90
 
 
 def _time_steps(ctx, run, reps: int) -> tuple[list[float], dict, bool]:
@@ -185,11 +105,24 @@ def profile_step(ctx, run) -> dict:
                           share=us / total, category=category(name)) for name, n, us in top])
 
 
-def _step_row(ctx, approach: str, provider: str, peak_tflops: float | None) -> dict:
-    T.free(ctx.dev)  # nothing of an earlier section or row in this row's peak memory
-    values = T.SCALES[ctx.scale][approach]
-    row = dict(approach=approach, provider=provider, image_size=values["image_size"],
-               batch_size=values["batch_size"])
+def prediction(ctx, ledger: tuple, approach: str, provider: str, batch: int, image_size: int,
+               s_per_step: float | None) -> dict:
+    """The ledger's predicted step time for this row's (approach, backend, precision, batch)
+    beside the measured one. `ledger`: _report_ledger.load's (ledger, why-not)."""
+    p = T.PROVIDERS[provider]
+    gpu = ctx.ledger_gpu or LG.gpu_key(ctx.name)
+    pred = LG.predict(ledger[0], gpu, approach=approach, backend="reference" if p.stock else "fast",
+                      precision=p.precision_on(ctx.dev), batch=batch, image_size=image_size, why_not=ledger[1])
+    return LG.compare(pred, 1e3 * s_per_step if s_per_step else None)
+
+
+def _step_row(ctx, approach: str, provider: str, batch: int, peak_tflops: float | None, ledger: tuple) -> dict:
+    T.free(ctx.dev)  # nothing of an earlier section or row in this row's memory
+    cuda = ctx.dev.type == "cuda"
+    if cuda:  # every row's peak is its own, the CUDA graph row's included
+        torch.cuda.reset_peak_memory_stats(ctx.dev)
+    values = dict(T.SCALES[ctx.scale][approach], batch_size=batch)
+    row = dict(approach=approach, provider=provider, image_size=values["image_size"], batch_size=batch)
     run = None
     try:
         with T.numerics(provider):
@@ -205,56 +138,87 @@ def _step_row(ctx, approach: str, provider: str, peak_tflops: float | None) -> d
             S.sync(ctx.dev)
             row.update(flops=run.flops, warmup=1 + warm, setup_s=round(time.monotonic() - t, 1))
             # The peak of the timed iterations (no empty_cache: keep the pool). A graph's replays
-            # allocate nothing: its peak is the capture's (its pool holds the step's intermediates).
-            if ctx.dev.type == "cuda" and run.graph is None:
+            # allocate nothing: its peak is the row's, capture included (its pool holds the step's
+            # intermediates).
+            if cuda and run.graph is None:
                 torch.cuda.reset_peak_memory_stats(ctx.dev)
+            row["peak_memory_scope"] = "row (capture included)" if run.graph is not None else "timed iterations"
             secs, phases, finite = _time_steps(ctx, run, ctx.step_reps)
             s = statistics.median(secs)
-            row.update(reps=len(secs), s_per_step=s, img_per_s=values["batch_size"] / s, phase_ms=phases,
+            row.update(reps=len(secs), s_per_step=s, img_per_s=batch / s, phase_ms=phases,
                        losses_finite=finite, tflops_per_s=run.flops / s / 1e12 if run.flops else None,
                        mfu=T.mfu(run.flops, s, peak_tflops), peak_memory_gib=T.peak_memory_gib(ctx.dev))
+        row["predicted"] = prediction(ctx, ledger, approach, provider, batch, row["image_size"], s)
+        print(f"[gpu_report] train_step {approach} {provider} batch {batch}: {row['img_per_s']:.1f} img/s; "
+              f"{LG.line(row['predicted'])}", file=sys.stderr, flush=True)
         if (approach, provider) == PROFILED:
             try:  # its own try: a profiler failure (no CUPTI, say) keeps the row's numbers
                 row["profile"] = profile_step(ctx, run)
             except Exception as e:
-                row["profile"] = {"error": ctx.error(f"profile {approach} {provider}", e)}
+                row["profile"] = {"error": ctx.error(f"profile {approach} {provider} batch {batch}", e)}
     except Exception as e:
-        row["error"] = ctx.error(f"train_step {approach} {provider}", e)
+        row["error"] = ctx.error(f"train_step {approach} {provider} batch {batch}", e)
     finally:
         del run
         T.free(ctx.dev, dynamo=T.PROVIDERS[provider].compile)
     return row
 
 
-def train_step(ctx, out: dict) -> None:
+def _run_rows(ctx, out: dict, cases: list, need_s: float, earlier: list) -> None:
+    """The rows of `cases` [(approach, provider, batch)], each saved as it ends; the summary
+    covers them and the `earlier` rows (another section's)."""
     peak = ctx.report.get("peaks", {}).get("matmul_bf16_tflops")
     if peak is None:
         peak = T.matmul_peak_tflops(ctx.dev, ctx.matmul_n, reps=ctx.reps)
-    out.update(rows=[], matmul_bf16_tflops=peak, targets={k: v for k, (v, _) in STEP_TARGETS.items()},
+    ledger = LG.load(ctx.ledger_path)
+    out.update(rows=[], batches=list(ctx.step_batches), matmul_bf16_tflops=peak, ledger=str(ctx.ledger_path),
+               ledger_note=ledger[1] or None, targets={k: v for k, (v, _) in STEP_TARGETS.items()},
                timing=f"FLOP-counted eager iteration + warm-up, then median of {ctx.step_reps} iterations "
                       + ("(CUDA events)" if ctx.dev.type == "cuda" else "(perf_counter)"))
-    # T.STEP_PLAN's order (FUNIT2FUNIT first: the targets), except that every compiled provider
-    # (the slowest to set up) comes after all eager ones, so a tight budget cuts those first.
-    cases = [(a, p) for a, providers in T.STEP_PLAN.items() for p in providers]
-    for approach, provider in sorted(cases, key=lambda c: T.PROVIDERS[c[1]].compile):
-        # Compiled rows also leave `ctx.reserve_s` for the sections after this one.
-        need = (150 + ctx.reserve_s if T.PROVIDERS[provider].compile else 30) if not ctx.smoke else 2
-        if ctx.skip(f"train_step {approach} {provider}", need):
+    for approach, provider, batch in cases:
+        if ctx.skip(f"train_step {approach} {provider} batch {batch}", 2 if ctx.smoke else need_s):
             continue
         if T.PROVIDERS[provider].graph and ctx.dev.type != "cuda":
-            ctx.notes.append(f"train_step {approach} {provider}: skipped, {T.cpu_skip_reason(provider)}")
+            note = f"train_step {approach} {provider}: skipped, {T.cpu_skip_reason(provider)}"
+            if note not in ctx.notes:
+                ctx.notes.append(note)
             continue
-        out["rows"].append(_step_row(ctx, approach, provider, peak))
-        out["summary"] = _step_summary(out["rows"])
+        out["rows"].append(_step_row(ctx, approach, provider, batch, peak, ledger))
+        out["summary"] = _step_summary(earlier + out["rows"])
         ctx.flush()  # a budget cut or crash later still leaves these rows
 
 
+def train_step(ctx, out: dict) -> None:
+    """Every eager provider; per approach (FUNIT2FUNIT first: the targets), batch by batch, in
+    T.STEP_PLAN's order."""
+    cases = [(a, p, b) for a, providers in T.STEP_PLAN.items() for b in ctx.step_batches
+             for p in providers if not T.PROVIDERS[p].compile]
+    _run_rows(ctx, out, cases, ROW_NEED_S, [])
+
+
+def train_step_compile(ctx, out: dict) -> None:
+    """The torch.compile providers, batch by batch; the summary includes the train_step rows."""
+    cases = [(a, p, b) for b in ctx.step_batches for a, providers in T.STEP_PLAN.items()
+             for p in providers if T.PROVIDERS[p].compile]
+    _run_rows(ctx, out, cases, COMPILED_ROW_NEED_S, list(ctx.report.get("train_step", {}).get("rows", [])))
+
+
+def merged(rep: dict) -> dict:
+    """Both training-step sections as one: every row; the later summary (it covers both)."""
+    ts, tc = rep.get("train_step", {}), rep.get("train_step_compile", {})
+    return dict(ts, rows=ts.get("rows", []) + tc.get("rows", []),
+                summary=tc.get("summary") or ts.get("summary", []))
+
+
 def _step_summary(rows: list) -> list:
-    """Per approach: speedups of every provider vs reference-fp32 and vs the best stock provider,
-    peak-memory ratios (written into the rows), and fast's verdicts on the FUNIT2FUNIT targets."""
+    """Per approach and batch: speedups of every provider vs reference-fp32 and vs the best stock
+    provider, peak-memory ratios (written into the rows), and fast's verdicts on the FUNIT2FUNIT
+    targets."""
     summary = []
-    for approach in T.STEP_PLAN:
-        got = {r["provider"]: r for r in rows if r["approach"] == approach and r.get("img_per_s")}
+    keys = dict.fromkeys((r["approach"], r["batch_size"]) for r in rows)
+    for approach, batch in sorted(keys, key=lambda k: (list(T.STEP_PLAN).index(k[0]), k[1])):
+        got = {r["provider"]: r for r in rows
+               if (r["approach"], r["batch_size"]) == (approach, batch) and r.get("img_per_s")}
         if not got:
             continue
         base = got.get("reference-fp32")
@@ -265,20 +229,17 @@ def _step_summary(rows: list) -> list:
             r["vs_best_stock"] = r["img_per_s"] / got[best]["img_per_s"] if best else None
             mem, mem0 = r.get("peak_memory_gib"), base and base.get("peak_memory_gib")
             r["peak_memory_ratio"] = mem / mem0 if mem and mem0 else None
-        s = dict(approach=approach, best_stock=best,
+        s = dict(approach=approach, batch_size=batch, best_stock=best,
                  stock_measured=sorted(stock), stock_complete=set(stock) == {p for p in T.STEP_PLAN[approach]
                                                                             if T.PROVIDERS[p].stock})
         fast = got.get("fast")
-        if fast is not None and "fast-subpixel" in got:  # issue 5: keep the rewrite only if faster
-            s["subpixel_vs_fast"] = got["fast-subpixel"]["img_per_s"] / fast["img_per_s"]
-        if fast is not None and "fast-compile" in got:  # and torch.compile of the fast generator
-            s["compile_vs_fast"] = got["fast-compile"]["img_per_s"] / fast["img_per_s"]
-        if fast is not None and "fast-cudagraph" in got:  # and replaying the iteration from a CUDA graph
-            s["cudagraph_vs_fast"] = got["fast-cudagraph"]["img_per_s"] / fast["img_per_s"]
-            s["cudagraph_ok"] = got["fast-cudagraph"].get("graph_check", {}).get("ok", False)
-        for name, option in (("subpixel", "fast-subpixel"), ("compile", "fast-compile"), ("cudagraph", "fast-cudagraph")):
-            if option in got:  # an option is adopted only if it is faster and trains correctly
+        for name in ("subpixel", "compile", "cudagraph"):
+            option = f"fast-{name}"
+            if fast is not None and option in got:  # issue 5: an option is adopted only if faster and sound
+                s[f"{name}_vs_fast"] = got[option]["img_per_s"] / fast["img_per_s"]
                 s[f"{name}_losses_finite"] = got[option].get("losses_finite", False)
+        if "cudagraph_vs_fast" in s:  # and a replay equals the eager step
+            s["cudagraph_ok"] = got["fast-cudagraph"].get("graph_check", {}).get("ok", False)
         if fast is not None:
             s.update({k: fast.get(k) for k in STEP_TARGETS})
             if approach == "funit2funit":
@@ -289,104 +250,97 @@ def _step_summary(rows: list) -> list:
     return summary
 
 
-def _step_targets_markdown(ts: dict) -> list:
-    f2f = next((s for s in ts.get("summary", []) if s["approach"] == "funit2funit"), {})
-    v = f2f.get("targets", {})
-    best = f2f.get("best_stock") or "-"
-    if best != "-" and not f2f.get("stock_complete"):
-        best += f" (measured: {', '.join(f2f.get('stock_measured', []))})"
-    fast = next((r for r in ts.get("rows", []) if (r["approach"], r["provider"]) == ("funit2funit", "fast")), {})
-    L = [f"## Targets: training step, FUNIT2FUNIT {fast.get('image_size', '-')}^2 batch "
-         f"{fast.get('batch_size', '-')} (fast)", "", "| target | measured | verdict |", "|---|---|---|",
-         f"| img/s >= 3x reference-fp32 | {f(f2f.get('vs_reference_fp32'), '.2f')}x "
-         f"| {verdict(v.get('vs_reference_fp32'))} |",
-         f"| img/s >= 1.5x best stock ({best}) | {f(f2f.get('vs_best_stock'), '.2f')}x "
-         f"| {verdict(v.get('vs_best_stock'))} |",
-         f"| peak memory <= 0.6x reference-fp32 | {f(f2f.get('peak_memory_ratio'), '.2f')}x "
-         f"| {verdict(v.get('peak_memory_ratio'))} |",
-         f"| MFU >= 35% | {f(f2f.get('mfu'), '.1%')} | {verdict(v.get('mfu'))} |",
-         f"| sub-pixel decoder (fast-subpixel / fast img/s; make it the default if > 1) "
-         f"| {f(f2f.get('subpixel_vs_fast'), '.2f')}x | {_adopt(f2f, 'subpixel')} |",
-         f"| torch.compile of the fast generator (fast-compile / fast img/s; adopt if > 1) "
-         f"| {f(f2f.get('compile_vs_fast'), '.2f')}x | {_adopt(f2f, 'compile')} |",
-         f"| CUDA graph of the whole fast iteration (fast-cudagraph / fast img/s; add a trainer option if > 1) "
-         f"| {f(f2f.get('cudagraph_vs_fast'), '.2f')}x | {_adopt(f2f, 'cudagraph')} |",
-         ""]
-    return L
+TARGET_ROWS = (  # label, summary key, kind (a target of fast's, or an option adopted only if faster)
+    ("img/s >= 3x reference-fp32", "vs_reference_fp32", "target"),
+    ("img/s >= 1.5x best stock", "vs_best_stock", "target"),
+    ("peak memory <= 0.6x reference-fp32", "peak_memory_ratio", "target"),
+    ("MFU >= 35%", "mfu", "target"),
+    ("sub-pixel decoder (fast-subpixel / fast img/s; make it the default if > 1)", "subpixel", "option"),
+    ("torch.compile of the fast generator (fast-compile / fast img/s; adopt if > 1)", "compile", "option"),
+    ("CUDA graph of the whole fast iteration (fast-cudagraph / fast img/s; add a trainer option if > 1)",
+     "cudagraph", "option"),
+)
 
 
-def _adopt(f2f: dict, name: str) -> str:
-    """Verdict on an option (`name`_vs_fast: its img/s over fast's): adopt it only if faster, its
-    losses are finite and (the CUDA graph) a replay equals the eager step."""
-    ratio = f2f.get(f"{name}_vs_fast")
-    if ratio is None:
-        return verdict(None)
-    sound = f2f.get(f"{name}_losses_finite", False) and f2f.get(f"{name}_ok", True)
-    return verdict(ratio > 1 and sound) + ("" if sound else " (losses not finite or replay != eager)")
+def _target_cell(s: dict, key: str, kind: str) -> str:
+    if kind == "option":
+        v = s.get(f"{key}_vs_fast")
+        return f"{f(v, '.2f')}x {_adopt(s, key)}" if v is not None else verdict(None)
+    v = s.get(key)
+    value = f(v, ".1%") if key == "mfu" else ("-" if v is None else f"{v:.2f}x")
+    if key == "vs_best_stock":
+        best = s.get("best_stock") or "-"
+        value += f" vs {best}" + ("" if best == "-" or s.get("stock_complete") else
+                                  f" (measured: {', '.join(s.get('stock_measured', []))})")
+    return f"{value} {verdict(s.get('targets', {}).get(key))}"
 
 
-def _model_parity_markdown(mp: dict) -> list:
-    L = [f"## Model parity (fast fp32 vs reference fp32, {mp.get('approach', '-')} {mp.get('config', '')}): "
-         + ("all pass" if mp.get("all_pass") else "NOT all pass"), "", f"Rule: {mp.get('rule', '-')}",
-         f"Fast backend: {_describe(mp.get('describe'))}", "", "| quantity | relative error | bound | pass |",
-         "|---|---|---|---|"]
-    for name, o in mp.get("outputs", {}).items():
-        L.append(f"| {name} | {o['rel_err']:.2e} | {o['tol']:.0e} | {'ok' if o['ok'] else 'FAIL'} |")
-    for phase, net in (("g_step", "G"), ("d_step", "D")):
-        o = mp.get(phase)
-        if o:
-            extra = f" (no fast grad: {', '.join(o['missing_grads'][:3])})" if o["missing_grads"] else ""
-            L.append(f"| {net} gradients after one {phase} (losses {o['loss_max_rel_err']:.1e}) "
-                     f"| {o['grad_rel_err']:.2e} | {o['tol']:.0e} | {'ok' if o['ok'] else 'FAIL'}{extra} |")
-    if "error" in mp:
-        L.append(f"\nerror: {mp['error']}")
+def targets_markdown(ts: dict) -> list:
+    """Issue 5's targets and the three decisions for fast FUNIT2FUNIT, one column per batch."""
+    f2f = [s for s in ts.get("summary", []) if s["approach"] == "funit2funit"]
+    if not f2f:
+        return []
+    size = next((r["image_size"] for r in ts.get("rows", []) if r["approach"] == "funit2funit"), "-")
+    L = [f"## Targets: training step, FUNIT2FUNIT {size}^2 (fast)", "",
+         "| target | " + " | ".join(f"batch {s['batch_size']}" for s in f2f) + " |", "|---|" + "---|" * len(f2f)]
+    L += [f"| {label} | " + " | ".join(_target_cell(s, key, kind) for s in f2f) + " |"
+          for label, key, kind in TARGET_ROWS]
     return L + [""]
 
 
-def _describe(d: dict | None) -> str:
-    if not d:
-        return "-"
-    keys = ("generator", "kernels", "optimizer", "precision", "memory_format", "compiled", "tf32")
-    return ", ".join(f"{k}={d[k]}" for k in keys if k in d)
+def _adopt(s: dict, name: str) -> str:
+    """Verdict on an option (`name`_vs_fast: its img/s over fast's): adopt it only if faster, its
+    losses are finite and (the CUDA graph) a replay equals the eager step."""
+    ratio = s.get(f"{name}_vs_fast")
+    if ratio is None:
+        return verdict(None)
+    sound = s.get(f"{name}_losses_finite", False) and s.get(f"{name}_ok", True)
+    return verdict(ratio > 1 and sound) + ("" if sound else " (losses not finite or replay != eager)")
 
 
-def _profile_markdown(ts: dict) -> list:
-    row = next((r for r in ts.get("rows", []) if (r["approach"], r["provider"]) == PROFILED), {})
-    p = row.get("profile")
-    if not p:
-        return []
-    L = ["", f"## Where the time goes: {PROFILED[0]} {PROFILED[1]} ({p.get('unit', '')}, "
-             f"{p.get('steps', '-')} iterations under torch.profiler)", ""]
-    if "error" in p:
-        return L + [f"profiler error: {p['error']}"]
-    L += [f"{f(p['ms_per_step'])} ms per iteration of profiled time. By category: "
-          + ", ".join(f"{c} {v:.0%}" for c, v in p["by_category"].items()), "",
-          "| kernel / op | category | calls per iteration | ms per iteration | share |", "|---|---|---|---|---|"]
-    L += [f"| `{t['name']}` | {t['category']} | {t['calls']} | {f(t['ms_per_step'], '.2f')} | {t['share']:.1%} |"
-          for t in p["top"]]
+def profile_markdown(ts: dict) -> list:
+    L = []
+    for row in (r for r in ts.get("rows", []) if (r["approach"], r["provider"]) == PROFILED and r.get("profile")):
+        p = row["profile"]
+        L += ["", f"## Where the time goes: {PROFILED[0]} {PROFILED[1]} batch {row['batch_size']} "
+                  f"({p.get('unit', '')}, {p.get('steps', '-')} iterations under torch.profiler)", ""]
+        if "error" in p:
+            L.append(f"profiler error: {p['error']}")
+            continue
+        L += [f"{f(p['ms_per_step'])} ms per iteration of profiled time. By category: "
+              + ", ".join(f"{c} {v:.0%}" for c, v in p["by_category"].items()), "",
+              "| kernel / op | category | calls per iteration | ms per iteration | share |", "|---|---|---|---|---|"]
+        L += [f"| `{t['name']}` | {t['category']} | {t['calls']} | {f(t['ms_per_step'], '.2f')} | {t['share']:.1%} |"
+              for t in p["top"]]
     return L
 
 
-def _step_markdown(ts: dict) -> list:
+def step_markdown(ts: dict) -> list:
+    if not ts.get("rows"):
+        return []
     L = ["", "## Training step throughput (D step + G step + EMA)", "",
          f"bf16 matmul peak {f(ts.get('matmul_bf16_tflops'))} TFLOP/s (the MFU denominator); "
          f"{ts.get('timing', '')}. FLOPs: FlopCounterMode around one eager train_step (R1's double "
-         "backward included).", "",
-         "| approach | provider | image | batch | img/s | ms/step | D ms | G ms | EMA ms | TFLOP/iter | TFLOP/s "
-         "| MFU | peak GiB | vs ref-fp32 | vs best stock | setup s | what ran |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "backward included). Predicted: the roofline lower bound of one iteration from "
+         f"{ts.get('ledger', 'the step ledger')}" + (f" ({ts['ledger_note']})" if ts.get("ledger_note") else "")
+         + "; measured/predicted >= 1.", "",
+         "| approach | provider | image | batch | img/s | ms/step | predicted ms | measured/predicted | D ms | G ms "
+         "| EMA ms | TFLOP/iter | TFLOP/s | MFU | peak GiB | vs ref-fp32 | vs best stock | setup s | what ran |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ts.get("rows", []):
-        ph = r.get("phase_ms", {})
+        ph, pr = r.get("phase_ms", {}), r.get("predicted", {})
         fl = r.get("flops")
-        what = _describe(r.get("describe")) + ("" if r.get("losses_finite", True) else " NON-FINITE LOSS")
+        what = describe(r.get("describe")) + ("" if r.get("losses_finite", True) else " NON-FINITE LOSS")
         gc = r.get("graph_check")
         if gc:
-            what += f"; replay vs eager step: losses within {gc['max_rel_loss_diff']:.1e} ({'ok' if gc['ok'] else 'FAIL'})"
+            what += (f"; replay vs eager step: losses within {gc['max_rel_loss_diff']:.1e} "
+                     f"({'ok' if gc['ok'] else 'FAIL'})")
         L.append(" | ".join([
             f"| {r['approach']}", r["provider"], str(r["image_size"]), str(r["batch_size"]), f(r.get("img_per_s")),
-            f(r.get("s_per_step") and 1e3 * r["s_per_step"]), f(ph.get("D")), f(ph.get("G")),
-            f(ph.get("ema"), ".2f"), f(fl and fl / 1e12, ".2f"), f(r.get("tflops_per_s")), f(r.get("mfu"), ".1%"),
-            f(r.get("peak_memory_gib"), ".2f"), f(r.get("vs_reference_fp32"), ".2f"),
-            f(r.get("vs_best_stock"), ".2f"), f(r.get("setup_s")),
+            f(r.get("s_per_step") and 1e3 * r["s_per_step"], ".2f"),
+            f(pr.get("predicted_ms"), ".2f", "no prediction"), f(pr.get("measured_over_predicted"), ".2f"),
+            f(ph.get("D")), f(ph.get("G")), f(ph.get("ema"), ".2f"), f(fl and fl / 1e12, ".2f"),
+            f(r.get("tflops_per_s")), f(r.get("mfu"), ".1%"), f(r.get("peak_memory_gib"), ".2f"),
+            f(r.get("vs_reference_fp32"), ".2f"), f(r.get("vs_best_stock"), ".2f"), f(r.get("setup_s")),
             what + (f" {r['error']}" if "error" in r else "")]) + " |")
     return L

@@ -1,7 +1,8 @@
 """Training backends: how an approach builds its generator, optimisers and EMA update.
 
 `reference` (g2g_fast.reference.steps.ReferenceBackend): plain PyTorch, the truth.
-`fast`: the fused-kernel generator (`g2g_fast.models`), channels_last weights and activations,
+`fast`: the fast networks (`g2g_fast.models`: fused norms and reflect pads in G and both
+discriminators, the naive generator's AdaIN), channels_last weights and activations,
 fused/foreach optimisers (NVIDIA apex's FusedAdam when importable on CUDA; never a dependency)
 and the EMA as foreach ops. Same state_dict keys and the same math, so parity is a load + compare.
 """
@@ -36,9 +37,12 @@ class FastBackend(ReferenceBackend):
     def __init__(self, subpixel: bool = False):
         self.subpixel = subpixel
 
+    def networks(self):
+        from . import models  # the same modules with their norms and pads through kernels' ops
+        return models
+
     def generator(self, **kwargs) -> nn.Module:
-        from .models import Generator
-        return Generator(**kwargs, subpixel=self.subpixel)
+        return self.networks().Generator(**kwargs, subpixel=self.subpixel)
 
     def rmsprop(self, params, **kwargs):
         # PyTorch has no fused RMSprop; foreach runs one kernel per op over all tensors.
@@ -63,8 +67,7 @@ class FastBackend(ReferenceBackend):
     def describe(self, approach) -> dict:
         from kernels import adain_backend
         probe = torch.empty(1, 1, 2, 2, device=approach.device)
-        # Only the FUNIT generator has fused ops; the naive approach's networks are the reference's.
-        kernels = "adain:" + adain_backend(probe)[0] if hasattr(approach.gen, "impl") else "none (reference networks)"
+        kernels = "adain:" + adain_backend(probe)[0]  # reflect_pad dispatches by the same rules
         return {"backend": self.name, "kernels": kernels,
                 "optimizer": type(approach.opt_g).__module__ + "." + type(approach.opt_g).__name__,
                 "precision": approach.precision, "memory_format": "channels_last",
@@ -72,3 +75,16 @@ class FastBackend(ReferenceBackend):
 
 
 BACKENDS = {"reference": ReferenceBackend, "fast": FastBackend}
+
+
+def force_impl(approach, impl: str) -> bool:
+    """Set `impl` ("auto" | "triton" | "ref") on every module of the approach's networks that has
+    one (the fast networks' fused norms and pads: G, its EMA copy, D); False when none has (the
+    reference networks). Tests and the CPU benchmarks force "ref" where the Triton interpreter
+    would be too slow and the kernels are not what is measured."""
+    found = False
+    for net in (approach.gen, approach.dis, approach.gen_ema):
+        for m in (net.modules() if net is not None else ()):
+            if hasattr(m, "impl"):
+                m.impl, found = impl, True
+    return found

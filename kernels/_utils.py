@@ -1,6 +1,7 @@
 """Shared helpers of the Triton kernels: availability, block heuristics, layout views."""
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -86,6 +87,22 @@ def bchw_view(t: torch.Tensor) -> tuple[int, int, int]:
     if H * W > 1 and W == 1:
         sw = sh
     return sb, sc, sw
+
+
+def check_reflect_pad(shape, pad, what: str = "reflect_pad") -> int:
+    """-> pad as an int; ValueError unless shape is (B, C, H, W) with 0 <= pad < H and pad < W."""
+    try:
+        pad = operator.index(pad)
+    except TypeError:
+        raise ValueError(f"{what}: pad must be an int, got {pad!r}") from None
+    if len(shape) != 4:
+        raise ValueError(f"{what}: expected a (B, C, H, W) tensor, got shape {tuple(shape)}")
+    H, W = shape[-2:]
+    if pad < 0 or pad >= H or pad >= W:
+        raise ValueError(
+            f"{what}: reflect padding needs 0 <= pad < H and pad < W (it repeats no edge pixel, as "
+            f"F.pad(mode='reflect')), got pad={pad} for an input of shape {tuple(shape)}")
+    return pad
 
 
 def is_supported_layout(t: torch.Tensor) -> bool:

@@ -1,14 +1,16 @@
-"""Ahead-of-time compile gate (issue 14): every launch `kernels.adain` makes, compiled for sm_90
-and sm_80 on the CPU, with ptxas's register, spill and stack-frame counts. No GPU is needed.
+"""Ahead-of-time compile gate (issue 14): every launch `kernels.adain` and `kernels.reflect_pad`
+make, compiled for sm_90 and sm_80 on the CPU, with ptxas's register, spill and stack-frame counts.
+No GPU is needed.
 
 The CPU tests run the kernels through the Triton interpreter, which hides register pressure:
 a tile too big for the register file spills to local memory only when ptxas compiles it. This
 gate compiles exactly what the JIT would on the GPU:
 
-  record   the launchers `adain_fwd` / `adain_bwd` run on meta tensors (shapes and strides, no
-           memory) with every Triton kernel of `kernels.instance_norm` (any module attribute that
-           is a JITFunction and is launched) replaced by a recorder of (grid, args, kwargs), and
-           with FORCE_TARGET set to the GPU (`_utils.TARGETS`), so the plans are that GPU's;
+  record   the launchers (`adain_fwd` / `adain_bwd`, `reflect_pad_fwd` / `reflect_pad_bwd`: `OPS`)
+           run on meta tensors (shapes and strides, no memory) with every Triton kernel of their
+           module (any module attribute that is a JITFunction and is launched) replaced by a
+           recorder of (grid, args, kwargs), with FORCE_TARGET set to the GPU (`_utils.TARGETS`),
+           so the plans are that GPU's (reflect_pad's tiles are the same on every GPU);
   bind     each launch's arguments are specialised by Triton's own JIT binder
            (`create_function_from_signature`, `JITFunction._pack_args`: dtypes, divisibility by
            16, value-1 integers, constexprs), as `JITFunction.run` does before compiling;
@@ -20,10 +22,12 @@ gate compiles exactly what the JIT would on the GPU:
 Launch sets (`aot_cases.cases`): "ci" is the FUNIT generator's adain variants at its stage shapes (batch
 FUNIT_B = 64 of bench/_shapes.py and FUNIT2FUNIT's training batch of 8), forward and backward, in
 the two benchmarked formats (bf16 channels_last, fp32 NCHW), plus the format mixes of the sub-pixel
-decoder and the INT64 specialisation of each plan kind (88 compilations, ~40 s on 2 cores from
-a cold cache); "full" (the bench sweep) adds bf16/fp16 NCHW, fp32/fp16 channels_last, every
-variant at every stage shape and the edge shapes (H = W = 1, odd sizes, C = 63, 2048 channels,
-256^2 and 512^2 planes, fp32 AdaIN parameters with bf16 activations).
+decoder and the INT64 specialisation of each plan kind, and reflect_pad forward and backward at
+FUNIT's padded convs (batch 8, the same two formats, one INT64 case): 112 compilations (86 adain,
+26 reflect_pad), ~35 s on 2 cores from a cold cache; "full" (the bench sweep) adds bf16/fp16 NCHW,
+fp32/fp16 channels_last, every variant at every stage shape and the edge shapes (H = W = 1, odd
+sizes, C = 63, 2048 channels, 256^2 and 512^2 planes, fp32 AdaIN parameters with bf16
+activations; reflect_pad: pads 1-3 at every FUNIT shape, batch 64 and 8, odd and tiny planes).
 
     python -m kernels.aot [--full] [--arch 90,80] [--jobs N] [--out FILE.md] [--json FILE.json]
 
@@ -39,6 +43,7 @@ import hashlib
 import importlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -49,7 +54,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._utils import TARGETS
-from .aot_cases import DTYPES, FORMATS, VARIANTS, Case, cases
+from .aot_cases import DTYPES, FORMATS, PADS, VARIANTS, Case, cases
 
 ARCHS = {90: "h100", 80: "a100"}       # compute capability x 10 -> planning Target
 
@@ -64,7 +69,7 @@ class Launch(NamedTuple):
     grid: tuple
     args: tuple
     kwargs: dict
-    plan: tuple           # instance_norm.Plan
+    plan: dict            # the plan's row fields: plan (kind), block, splits, programs
 
 
 class _Recorder:
@@ -94,14 +99,55 @@ def _meta(case: Case):
     return make, weight, bias, act, residual
 
 
+def _call_adain(K, case: Case) -> None:
+    """One `adain_fwd` / `adain_bwd` call on meta tensors."""
+    make, weight, bias, act, residual = _meta(case)
+    x = make(case.fmt)
+    B, C = case.shape[:2]
+    if case.direction == "fwd":
+        K.adain_fwd(x, weight, bias, make(case.other_fmt) if residual else None, act, 0.2, 1e-5)
+    else:
+        stats = torch.empty(B, C, dtype=torch.float32, device="meta")
+        K.adain_bwd(make(case.other_fmt), x, weight, bias, stats, stats, act, 0.2)
+
+
+def _call_reflect_pad(K, case: Case) -> None:
+    """One `reflect_pad_fwd` (on x) / `reflect_pad_bwd` (on dy, x's shape padded) call on meta tensors."""
+    pad = PADS[case.variant]
+    B, C, H, W = case.shape
+    shape = case.shape if case.direction == "fwd" else (B, C, H + 2 * pad, W + 2 * pad)
+    t = torch.empty(shape, dtype=DTYPES[case.dtype], device="meta").contiguous(memory_format=FORMATS[case.fmt])
+    launcher = K.reflect_pad_fwd if case.direction == "fwd" else K.reflect_pad_bwd
+    launcher(t, pad, case.fmt == "cl")
+
+
+def _adain_fields(pl, grid) -> dict:
+    return dict(plan=pl.kind, block=f"{pl.block_c}x{pl.block_p}", splits=pl.splits, programs=pl.programs)
+
+
+def _reflect_pad_fields(pl, grid) -> dict:
+    return dict(plan="tile", block=f"{pl.block_c}x{pl.block_p}", splits=1, programs=math.prod(grid))
+
+
+# case.op -> (module whose kernels are recorded, its launcher call, the plan's row fields). Each
+# launcher looks its kernels and `plan` up as module attributes at call time, so swapping them
+# for recorders records every launch.
+OPS = {"adain": ("kernels.instance_norm", _call_adain, _adain_fields),
+       "reflect_pad": ("kernels.reflect_pad", _call_reflect_pad, _reflect_pad_fields)}
+
+
+def _jit_functions(K) -> dict:
+    from triton.runtime.jit import JITFunction
+    return {n: v for n, v in vars(K).items() if isinstance(v, JITFunction)}
+
+
 def record(case: Case, arch: int) -> list[Launch]:
     """The kernel launches of one launcher call, planned for `arch` (no memory is touched)."""
-    from triton.runtime.jit import JITFunction
-
-    from . import instance_norm as K
-    kernels = {n: v for n, v in vars(K).items() if isinstance(v, JITFunction)}
+    module, call, fields = OPS[case.op]
+    K = importlib.import_module(module)
+    kernels = _jit_functions(K)
     if not kernels:
-        raise RuntimeError("kernels.instance_norm has no JITFunction (TRITON_INTERPRET=1?): "
+        raise RuntimeError(f"{module} has no JITFunction (TRITON_INTERPRET=1?): "
                            "run the compile gate with TRITON_INTERPRET=0")
     sink, plans = [], []
     real_plan = K.plan
@@ -109,24 +155,22 @@ def record(case: Case, arch: int) -> list[Launch]:
     def plan(*a, **kw):
         plans.append(real_plan(*a, **kw))
         return plans[-1]
-    saved = (K.FORCE_TARGET, K.plan)
+    # The plans of that GPU (FORCE_TARGET): adain's depend on it, reflect_pad's only leave the interpreter's.
+    saved = (getattr(K, "FORCE_TARGET", None), K.plan)
     try:
         for n in kernels:
             setattr(K, n, _Recorder(n, sink))
-        K.FORCE_TARGET, K.plan = TARGETS[ARCHS[arch]], plan
-        make, weight, bias, act, residual = _meta(case)
-        x = make(case.fmt)
-        B, C = case.shape[:2]
-        if case.direction == "fwd":
-            K.adain_fwd(x, weight, bias, make(case.other_fmt) if residual else None, act, 0.2, 1e-5)
-        else:
-            stats = torch.empty(B, C, dtype=torch.float32, device="meta")
-            K.adain_bwd(make(case.other_fmt), x, weight, bias, stats, stats, act, 0.2)
+        if hasattr(K, "FORCE_TARGET"):
+            K.FORCE_TARGET = TARGETS[ARCHS[arch]]
+        K.plan = plan
+        call(K, case)
     finally:
         for n, fn in kernels.items():
             setattr(K, n, fn)
-        K.FORCE_TARGET, K.plan = saved
-    return [Launch(case, arch, n, K.__name__, tuple(g), a, kw, tuple(plans[-1])) for n, g, a, kw in sink]
+        if hasattr(K, "FORCE_TARGET"):
+            K.FORCE_TARGET = saved[0]
+        K.plan = saved[1]
+    return [Launch(case, arch, n, K.__name__, tuple(g), a, kw, fields(plans[-1], g)) for n, g, a, kw in sink]
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,20 +318,17 @@ def run_gate(case_list: list[Case], archs=(90, 80), jobs: Optional[int] = None) 
     by_key = dict(zip(keys, results))
     rows = []
     for ln, key in keyed:
-        c, p = ln.case, ln.plan
-        row = dict(kernel=ln.kernel, variant=c.variant, direction=c.direction,
+        c = ln.case
+        row = dict(kernel=ln.kernel, op=c.op, variant=c.variant, direction=c.direction,
                    shape="x".join(map(str, c.shape)), format=c.label(), dtype=c.dtype,
-                   param_dtype=c.param_dtype or c.dtype, plan=p[0], block=f"{p[1]}x{p[2]}",
-                   splits=p[3], programs=p[5], int64=bool(ln.kwargs.get("INT64")),
+                   param_dtype=c.param_dtype or c.dtype, **ln.plan, int64=bool(ln.kwargs.get("INT64")),
                    num_warps=ln.kwargs.get("num_warps"), arch=f"sm_{ln.arch}",
                    compile_id=hashlib.sha1(key.encode()).hexdigest()[:12], **by_key[key])
         row["num_warps"] = row.pop("warps", None) or row["num_warps"] or 4   # compiled, else launched
         rows.append(row)
-    from triton.runtime.jit import JITFunction
-
-    from . import instance_norm as K
-    # The launchable kernels (by the `_<op>_..._kernel` naming), for the coverage check.
-    names = sorted(n for n, v in vars(K).items() if isinstance(v, JITFunction) and n.endswith("_kernel"))
+    # The launchable kernels of every op (by the `_<op>_..._kernel` naming), for the coverage check.
+    names = sorted(n for module, _, _ in OPS.values() for n in _jit_functions(importlib.import_module(module))
+                   if n.endswith("_kernel"))
     return dict(triton=triton.__version__, kernels=names, rows=rows, launches=len(rows), compilations=len(keys),
                 cached=sum(bool(r.get("cached")) for r in results),
                 jobs=n, record_s=round(t_record, 1), wall_s=round(time.perf_counter() - t0, 1))
@@ -343,7 +384,7 @@ def report(result: dict, command: str, date: str) -> str:
     rows, bad, cap = result["rows"], violations(result["rows"]), at_cap(result["rows"])
     archs = sorted({r["arch"] for r in rows}, reverse=True)
     out = [
-        f"# Compile gate: kernels.adain for {' and '.join(archs)} (ptxas -v)", "",
+        f"# Compile gate: kernels.adain and kernels.reflect_pad for {' and '.join(archs)} (ptxas -v)", "",
         f"Command: `{command}`  ",
         f"triton {result['triton']}, torch {torch.__version__}, {date}; compiled on the CPU (no GPU) by "
         "`kernels/aot.py`, exactly as Triton's JIT would on the GPU.", "",

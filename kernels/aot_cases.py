@@ -1,8 +1,9 @@
-"""The launch sets of the compile gate (`kernels/aot.py`): which adain launches, at which shapes,
-dtypes and memory formats, it compiles. "ci" is the FUNIT generator's variants at its stage
-shapes, forward and backward, in the two benchmarked formats plus the format mixes and the INT64
-specialisation of each plan kind; "full" adds every format, dtype and variant at every stage shape
-and the edge shapes (aot.py's docstring has the details).
+"""The launch sets of the compile gate (`kernels/aot.py`): which adain and reflect_pad launches, at
+which shapes, dtypes and memory formats, it compiles. "ci" is the FUNIT generator's adain variants
+at its stage shapes, forward and backward, in the two benchmarked formats plus the format mixes and
+the INT64 specialisation of each plan kind, and the reflect pads of FUNIT's padded convs at 128 px
+(forward and backward, the same two formats, one INT64 case); "full" adds every format, dtype and
+variant at every stage shape and the edge shapes (aot.py's docstring has the details).
 """
 from __future__ import annotations
 
@@ -32,13 +33,21 @@ FUNIT_USE = {"in_relu": FUNIT_SHAPES, "in_res": FUNIT_SHAPES[3:], "adain_relu": 
 # fused (NCHW), two-pass, split (channels_last, B = 1).
 HUGE = {(64, 2048, 128, 128): ("fp32", "nchw"), (64, 256, 512, 512): ("bf16", "cl"),
         (1, 8, 16384, 16384): ("bf16", "cl")}
+# reflect_pad: the variant is the pad. FUNIT's padded convs at 128 px, (C, H, W, pad): the 7x7
+# convs (the RGB input, the decoder's last conv), the 4x4 downsampling and 3x3 ResBlock convs.
+PADS = {"pad1": 1, "pad2": 2, "pad3": 3}
+PAD_SHAPES = ((3, 128, 128, 3), (64, 128, 128, 3), (128, 64, 64, 1), (256, 32, 32, 1), (512, 16, 16, 1))
+PAD_HUGE = ((64, 256, 512, 512), "bf16", "cl")     # 2^32 elements: the INT64 specialisation
+PAD_EDGE = ((2, 5, 13, 11), (3, 63, 7, 9), (64, 512, 4, 4), (8, 2048, 8, 8))
 EDGE = ((64, 512, 1, 1), (3, 63, 7, 9), (5, 3, 13, 11), (64, 63, 32, 32), (64, 2048, 8, 8),
         (4, 2048, 4, 4), (8, 64, 256, 256), (64, 64, 256, 256), (2, 32, 512, 512), (1, 64, 512, 512),
         (2, 8, 16, 16), (2, 32, 4, 4))
 
 
 class Case(NamedTuple):
-    """One launcher call: `direction` "fwd" (adain_fwd) or "bwd" (adain_bwd)."""
+    """One launcher call: `direction` "fwd" (adain_fwd, reflect_pad_fwd) or "bwd" (adain_bwd,
+    reflect_pad_bwd). For op "reflect_pad" the variant names the pad (`PADS`) and shape is x's
+    (the backward folds a (B, C, H + 2p, W + 2p) gradient back to it)."""
     variant: str
     shape: tuple          # (B, C, H, W)
     dtype: str            # of x, dy, residual (and of weight/bias unless param_dtype)
@@ -46,6 +55,7 @@ class Case(NamedTuple):
     other_fmt: str        # dy's (bwd) or the residual's (fwd) format: a mix when != fmt
     direction: str
     param_dtype: Optional[str] = None
+    op: str = "adain"     # "adain" | "reflect_pad"
 
     def label(self) -> str:
         """x's format, and the other tensor's when they differ: "cl", "cl+dy:nchw", "nchw+res:cl"."""
@@ -92,4 +102,33 @@ def cases(kind: str = "ci") -> list[Case]:
         for C, H, W in FUNIT_SHAPES:   # fp32 AdaIN parameters with bf16 activations
             for fmt in FORMATS:
                 add("adain_res", (FUNIT_B, C, H, W), "bf16", fmt, param_dtype="fp32")
+    out.extend(reflect_pad_cases(kind))
     return list(dict.fromkeys(out))
+
+
+def reflect_pad_cases(kind: str = "ci") -> list[Case]:
+    """reflect_pad's launches: "ci" the FUNIT pads at batch 8 in the two benchmarked formats and
+    one INT64 case (few distinct specialisations: the tile is a function of C, H*W and the
+    format); "full" every format, pads 1..3 at every FUNIT shape (batch 64 and 8), edge shapes."""
+    full = kind == "full"
+    formats = ([(d, f) for d in DTYPES for f in FORMATS] if full else [("bf16", "cl"), ("fp32", "nchw")])
+    out = []
+
+    def add(shape, pad, dtype, fmt):
+        out.extend(Case(f"pad{pad}", tuple(shape), dtype, fmt, fmt, d, op="reflect_pad") for d in ("fwd", "bwd"))
+
+    for C, H, W, pad in PAD_SHAPES:
+        for B in (FUNIT_B, TRAIN_B) if full else (TRAIN_B,):
+            for pad_ in PADS.values() if full else (pad,):
+                for dtype, fmt in formats:
+                    add((B, C, H, W), pad_, dtype, fmt)
+    shape, dtype, fmt = PAD_HUGE
+    for dtype, fmt in formats if full else [(dtype, fmt)]:
+        add(shape, 1, dtype, fmt)
+    if full:
+        for shape in PAD_EDGE:
+            for pad in PADS.values():
+                if pad < min(shape[2:]):
+                    for dtype, fmt in formats:
+                        add(shape, pad, dtype, fmt)
+    return out

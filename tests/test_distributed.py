@@ -296,10 +296,11 @@ def build_fp16(batch: int, autocast: bool = True):
 
 
 def build_fast(batch: int):
-    """FUNIT2FUNIT on the fast backend, its norms forced to the reference impl (see worker_amp_fast)."""
-    from g2g_fast.backends import FastBackend
+    """FUNIT2FUNIT on the fast backend, its norms and pads forced to the reference impl (see
+    worker_amp_fast)."""
+    from g2g_fast.backends import FastBackend, force_impl
     a = build("funit2funit", batch, backend=FastBackend())
-    a.gen.impl = "ref"
+    force_impl(a, "ref")
     return a
 
 
@@ -312,8 +313,8 @@ def worker_amp_fast(out: Path) -> None:
       alone) but the GradScalers still scale the loss, the all-reduce sees the scaled gradients
       and `scaler.step` unscales them and decides: the scaler path, comparable to 1e-6.
     - "fast": one iteration of the fast backend (fused-kernel generator, channels_last, foreach
-      RMSprop and EMA) in float64, with the generator's norms forced to the reference impl
-      (`gen.impl = "ref"`): under TRITON_INTERPRET=1 the Triton kernels would run in the
+      RMSprop and EMA) in float64, with the norms and pads forced to the reference impl
+      (`force_impl(a, "ref")`): under TRITON_INTERPRET=1 the Triton kernels would run in the
       interpreter, far too slow here (and it has no float64 kernels: "auto" would fall back too)."""
     ctx = distributed.init_from_env(torch.device("cpu"), timeout_s=60)
     result = {}

@@ -1,11 +1,13 @@
-"""The compile gate (issue 14): every launch `kernels.adain` makes, compiled for sm_90 and sm_80 on
-the CPU by `kernels/aot.py`, must compile with no register spill and no stack frame.
+"""The compile gate (issue 14): every launch `kernels.adain` and `kernels.reflect_pad` make, compiled
+for sm_90 and sm_80 on the CPU by `kernels/aot.py`, must compile with no register spill and no
+stack frame.
 
 The interpreter tests cannot see register pressure; ptxas can. The gate needs the JIT kernels,
 not the interpreter's, so it runs in a subprocess with TRITON_INTERPRET=0 (conftest sets 1).
-The CI set (`kernels.aot_cases.cases("ci")`, 88 compilations) takes ~40 s on 2 cores from a cold Triton
-cache (85 s beside two busy processes), ~12 s warm; `python -m kernels.aot --full` is the bench
-sweep (1647 compilations, ~20 minutes cold; bench/results/compile_sm90.md).
+The CI set (`kernels.aot_cases.cases("ci")`, 112 compilations: 86 adain, 26 reflect_pad) takes
+~35-40 s on 2 cores from a cold Triton cache (85 s beside two busy processes), ~12 s warm;
+`python -m kernels.aot --full` is the bench sweep (1647 adain + 264 reflect_pad compilations,
+~20 minutes cold; bench/results/compile_sm90.md, written before reflect_pad).
 """
 import json
 import os
@@ -54,6 +56,8 @@ def test_launch_set_is_the_benchmarked_funit_generator():
     assert {(c.dtype, c.fmt) for c in ci} == {names[v] for v in _shapes.FORMATS.values()}
     assert {(aot_cases.FUNIT_B, *s) for s in aot_cases.FUNIT_SHAPES} <= {c.shape for c in ci}
     assert {c.other_fmt for c in ci if c.fmt == "cl"} == {"cl", "nchw"}            # the format mixes
+    pads = {(c.shape[1:], aot_cases.PADS[c.variant]) for c in ci if c.op == "reflect_pad"}
+    assert {((C, H, W), pad) for C, H, W, pad in aot_cases.PAD_SHAPES} <= pads       # FUNIT's padded convs
     assert set(aot_cases.cases("ci")) < set(aot_cases.cases("full"))
 
 
@@ -62,13 +66,14 @@ def test_every_kernel_compiled_for_both_archs(ci):
     errors = [r for r in rows if r.get("error")]
     if errors:
         pytest.fail(f"{len(errors)} launches did not compile:\n" + aot.table(errors), pytrace=False)
-    assert ci["kernels"], "no Triton kernel found in kernels.instance_norm"
+    assert ci["kernels"], "no Triton kernel found in kernels.instance_norm or kernels.reflect_pad"
     for arch in ARCHS:
         compiled = {r["kernel"] for r in rows if r["arch"] == arch}
         missing = sorted(set(ci["kernels"]) - compiled)
         assert not missing, f"the CI set launches no {missing} for {arch} (add a case that plans it)"
     # The CI set holds the format mixes and the INT64 specialisation of every plan kind.
-    assert {r["plan"] for r in rows if r["int64"]} == {"fused", "twopass", "split"}
+    assert {r["plan"] for r in rows if r["int64"] and r["op"] == "adain"} == {"fused", "twopass", "split"}
+    assert {r["direction"] for r in rows if r["int64"] and r["op"] == "reflect_pad"} == {"fwd", "bwd"}
     assert any("+dy:" in r["format"] for r in rows) and any("+res:" in r["format"] for r in rows)
 
 

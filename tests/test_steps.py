@@ -1,11 +1,15 @@
 """One D step + one G step per approach on a tiny synthetic batch (SPEC §2-§5)."""
+import collections
 import copy
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from g2g_fast.config import config_from_dict
 from g2g_fast.reference.g2g import disassemble, make_pairs
+from g2g_fast.reference.losses import r1_penalty
 from g2g_fast.reference.naive import LordGenerator
 from g2g_fast.reference.steps import build_approach, ema_update
 
@@ -22,9 +26,10 @@ def batch(B=4, size=32, classes=3):
     return x, torch.arange(B) % classes
 
 
-def make(approach, num_classes=3, **overrides):
+def make(approach, num_classes=3, precision="fp32", **overrides):
     torch.manual_seed(0)
-    return build_approach(config_from_dict(approach, {**TINY[approach], **overrides}), num_classes)
+    return build_approach(config_from_dict(approach, {**TINY[approach], **overrides}), num_classes,
+                          precision=precision)
 
 
 def assert_step_is_complete(ap, frozen=()):
@@ -263,3 +268,119 @@ def test_bad_inputs_are_named():
         build_approach(config_from_dict("naive", TINY["naive"]), num_classes=1)
     with pytest.raises(ValueError, match="identity_weights"):
         config_from_dict("cyclefunit", dict(TINY["cyclefunit"], class_encoder="identity"))
+
+
+# --- precision: losses and statistics in fp32 under autocast, fp16 R1 (issue 22) ----------------
+
+# Forward reductions that must not return bf16/fp16 (batch norms: their saved mean and invstd).
+REDUCTIONS = {"mean", "sum", "nansum", "prod", "amax", "amin", "var", "std", "var_mean", "std_mean",
+              "norm", "linalg_vector_norm", "logsumexp", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"}
+BATCH_NORMS = {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training"}
+# Low-precision reductions allowed, by the name of a Python function on the stack, each with its reason.
+ALLOWED = {
+    "adaptive_avg_pool2d": "FUNIT's class encoder pools its last map to 1x1, which aten computes as a mean: an "
+                           "activation (accumulated in fp32 inside the kernel, rounded once), not a statistic, and "
+                           "its only use is a 1x1 conv that autocast runs in that same low precision",
+}
+
+
+class LowPrecisionReductions(TorchDispatchMode):
+    """Records each forward reduction with a bf16/fp16 result: op, dtype, shape and the g2g_fast
+    frames that ran it. Backward ops (autograd's node is set) are not recorded: their reductions
+    are gradients (the bias gradient of an autocast linear layer), not losses or statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad, self.allowed, self.seen = [], collections.Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if torch._C._current_autograd_node() is not None or name not in REDUCTIONS | BATCH_NORMS:
+            return out
+        self.seen += 1
+        results = out[1:] if name in BATCH_NORMS else out if isinstance(out, (tuple, list)) else (out,)
+        if all(r.dtype not in (torch.bfloat16, torch.float16) for r in results if isinstance(r, torch.Tensor)):
+            return out
+        stack = traceback.extract_stack()
+        reason = next((f.name for f in stack if f.name in ALLOWED), None)
+        if reason is not None:
+            self.allowed[reason] += 1
+            return out
+        frames = " <- ".join(f"{f.filename.split('g2g_fast/')[-1]}:{f.lineno} {f.name}"
+                             for f in reversed(stack) if "/g2g_fast/" in f.filename)
+        self.bad.append(f"{func} -> {results[0].dtype} {tuple(results[0].shape)} at {frames}")
+        return out
+
+
+@pytest.mark.parametrize("approach,precision", [("funit2funit", "bf16"), ("funit2funit", "fp16"),
+                                                ("cyclefunit", "bf16"), ("naive", "bf16")])
+def test_autocast_step_reduces_losses_and_statistics_in_fp32(approach, precision, id_file, vgg_file):
+    """One training step under autocast: no forward reduction (loss term, feature mean, R1 sum,
+    norm statistics) returns bf16/fp16, except ALLOWED. CycleFUNIT with its VGG perceptual loss and
+    the identity loss. Before issue 22 FUNIT2FUNIT's step had 18 scalar bf16 means (hinge, R1,
+    feature matching) and 16 bf16 (B, C) feature means."""
+    extra = dict(vgg_weights=str(vgg_file[0]), identity_weights=str(id_file[0]), delta_identity=0.5) \
+        if approach == "cyclefunit" else {}
+    ap = make(approach, precision=precision, **extra)
+    x, y = batch()
+    rec = LowPrecisionReductions()
+    with rec:
+        losses = ap.train_step(x, y)
+    assert not rec.bad, f"{len(rec.bad)} low-precision reductions:\n" + "\n".join(rec.bad)
+    assert rec.seen >= 10 and all(v.dtype == torch.float32 for v in losses.values())
+    assert set(rec.allowed) <= set(ALLOWED)
+    if approach != "naive":  # FUNIT's class encoder (naive: BatchNorm encoders, no pooling)
+        assert rec.allowed["adaptive_avg_pool2d"] > 0
+
+
+def test_fp16_r1_small_gradients_survive_the_loss_scale():
+    """D's output scaled by 1e-5 (its last conv, bias 0): the R1 gradient is ~1e-11 per pixel, below
+    fp16's smallest subnormal (6e-8). Unscaled, as before issue 22, the fp16 backward flushes it
+    to exactly 0 and so the penalty; through the GradScaler (2^16) the penalty is the fp32 one to
+    fp16 rounding, in the helper and in the D step's d_r1."""
+    x, y = batch()
+    ap16, ap32 = make("funit2funit", precision="fp16"), make("funit2funit")
+    for ap in (ap16, ap32):
+        with torch.no_grad():
+            ap.dis.cnn_c[0].conv.weight.mul_(1e-5)
+    xi = x[:2].clone().requires_grad_(True)
+
+    def r1(ap, scaler):
+        with ap.autocast():
+            resp, _ = ap.dis(xi, y[:2])
+            return r1_penalty(resp, xi, scaler)
+
+    want = r1(ap32, None)
+    assert 0 < want.item() < 1e-10
+    assert r1(ap16, None).item() == 0  # the old, unscaled fp16 R1
+    assert r1(ap16, ap16.scaler_d).item() == pytest.approx(want.item(), rel=1e-2)
+    got, ref = ap16.d_step(x, y)["d_r1"], ap32.d_step(x, y)["d_r1"]
+    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("exponent", [16, 24])
+def test_fp16_r1_overflow_skips_the_d_update_and_backs_the_scale_off(exponent):
+    """Loss scale 2^24: the scaled R1 gradient overflows fp16 (checked). The D step then applies
+    no update (D and its optimiser state unchanged) and halves the scale, as GradScaler does for any
+    overflow, while every returned loss stays finite, so nan_policy "stop" does not end the run.
+    Control, 2^16: nothing overflows and D moves. The adversarial weight is 0 so that only R1
+    reaches D's gradients."""
+    ap = make("funit2funit", precision="fp16", gan_w=0.0)
+    scale = 2.0 ** exponent
+    ap.scaler_d = torch.amp.GradScaler("cpu", init_scale=scale)
+    x, y = batch()
+    xi = x[:2].clone().requires_grad_(True)
+    with ap.autocast():
+        (g,) = torch.autograd.grad(ap.dis(xi, y[:2])[0].float().mean() * scale, xi)
+    overflow = exponent == 24
+    assert torch.isfinite(g).all() != overflow
+    before = copy.deepcopy(ap.dis.state_dict())
+    losses = ap.d_step(x, y)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    moved = [k for k, v in ap.dis.state_dict().items() if not torch.equal(v, before[k])]
+    if overflow:
+        assert not moved and not ap.opt_d.state, f"D was updated: {moved[:3]}"
+        assert ap.scaler_d.get_scale() == scale / 2
+    else:
+        assert moved and ap.scaler_d.get_scale() == scale

@@ -1,4 +1,6 @@
 """Fast networks: same state-dict layout as `g2g_fast.reference`, hot paths through fused ops."""
-from .funit import Generator
+from .funit import Discriminator, Generator
+from .naive import NaiveModel
+from .patchgan import PatchDiscriminator
 
-__all__ = ["Generator"]
+__all__ = ["Discriminator", "Generator", "NaiveModel", "PatchDiscriminator"]

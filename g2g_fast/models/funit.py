@@ -16,13 +16,98 @@ skipped.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from g2g_fast.ops import adain, upsample_conv
+from g2g_fast.ops import adain, reflect_pad, upsample_conv
 from g2g_fast.reference import funit as ref
+from g2g_fast.reference.ops import memory_format_of, pixel_rows
 
-__all__ = ["Generator"]
+from .impl import Switchable
+
+__all__ = ["Generator", "Discriminator"]
+
+
+class PlainConv2dBlock(ref.Conv2dBlock):
+    """A block without a norm ([act] -> pad -> conv -> [act]: the class encoder, the decoder's
+    last conv, D) with its reflect padding by `kernels.reflect_pad`: aten's CUDA reflection_pad2d
+    writes NCHW and accumulates its backward with atomics; this one keeps channels_last, its
+    backward is a gather and it has a double backward (D's R1)."""
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        assert self.norm_kind == "none", "use Conv2dBlock"
+        self.impl = impl
+
+    def pad(self, x):
+        return reflect_pad(x, self.padding, impl=self.impl)
+
+
+class ReflectPad2d(nn.Module):
+    """nn.ReflectionPad2d by `kernels.reflect_pad` (D's pad before each average pool)."""
+
+    def __init__(self, padding: int, impl: str = "auto"):
+        super().__init__()
+        self.padding, self.impl = padding, impl
+
+    def forward(self, x):
+        return reflect_pad(x, self.padding, impl=self.impl)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """nn.AvgPool2d (no padding) whose gradient is an op of the output gradient alone.
+
+    aten's double backward of avg_pool2d (D's R1) also returns a zero "gradient" for the pooled
+    input, allocated NCHW, and adds it in; the pool is linear, so here the backward is
+    avg_pool2d_backward as a function of the gradient only, and its own backward is the pool
+    again. Same values; the memory format of the input throughout."""
+
+    def forward(self, x):
+        return _AvgPool.apply(x, self.kernel_size, self.stride)
+
+
+class _AvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride):
+        ctx.meta = x.shape, x.device, memory_format_of(x), kernel_size, stride
+        return F.avg_pool2d(x, kernel_size, stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AvgPoolGrad.apply(grad, ctx.meta), None, None
+
+
+class _AvgPoolGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, meta):
+        shape, device, fmt, ctx.kernel_size, ctx.stride = meta
+        like = torch.empty(shape, dtype=grad.dtype, device=device, memory_format=fmt)  # sizes only
+        return torch.ops.aten.avg_pool2d_backward(grad, like, ctx.kernel_size, ctx.stride, 0, False, True, None)
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        return F.avg_pool2d(grad_grad, ctx.kernel_size, ctx.stride), None
+
+
+class GlobalAvgPool(nn.Module):
+    """nn.AdaptiveAvgPool2d(1), averaged in fp32 over the NHWC view of a channels_last input.
+
+    aten turns a 1x1 adaptive pool into a mean over H, W on every device; the mean's backward
+    expands the (B, C) gradient and writes it NCHW. Over `pixel_rows`' view the same expansion
+    comes out channels_last. fp32 accumulation and output: a statistic is reduced in fp32 (the 1x1 conv
+    after it casts it to its autocast dtype)."""
+
+    def __init__(self, output_size: int = 1):
+        super().__init__()
+        if output_size != 1:
+            raise ValueError(f"GlobalAvgPool: only output size 1, got {output_size}")
+
+    def forward(self, x):
+        dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype  # (float64 stays)
+        rows = pixel_rows(x)
+        pooled = rows.mean(1, dtype=dtype) if rows is not None else x.mean((2, 3), dtype=dtype)
+        return pooled[:, :, None, None]
 
 
 class Conv2dBlock(ref.Conv2dBlock):
@@ -44,7 +129,7 @@ class Conv2dBlock(ref.Conv2dBlock):
             y = upsample_conv(x, self.conv.weight, self.conv.bias, impl="subpixel")
         else:
             if self.padding:
-                x = F.pad(x, (self.padding,) * 4, mode="reflect")  # keeps channels_last
+                x = reflect_pad(x, self.padding, impl=self.impl)  # keeps channels_last
             y = self.conv(x)
         weight, bias = style if self.norm_kind == "adain" else (None, None)
         return adain(y, weight, bias, act=self.act, residual=residual, impl=self.impl)
@@ -103,7 +188,7 @@ class Decoder(ref.Decoder):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
                        Conv2dBlock(dim, dim // 2, 5, 1, 2, norm="in", act="relu", impl=impl)]
             dim //= 2
-        layers.append(ref.Conv2dBlock(dim, 3, 7, 1, 3, act="tanh"))  # no norm: nothing to fuse
+        layers.append(PlainConv2dBlock(dim, 3, 7, 1, 3, act="tanh", impl=impl))  # no norm: nothing to fuse
         self.model = nn.Sequential(*layers)
 
     def forward(self, content, adain_params):
@@ -120,7 +205,7 @@ class Decoder(ref.Decoder):
         return x
 
 
-class Generator(ref.Generator):
+class Generator(Switchable, ref.Generator):
     """FUNIT's FewShotGen with fused norms; methods (encode_content, encode_class, decode,
     forward) are the reference's. `impl` ("auto" | "triton" | "ref") goes to every adain call
     and may be changed after construction (`gen.impl = "ref"`), as may `gen.dec.subpixel`.
@@ -131,7 +216,7 @@ class Generator(ref.Generator):
                  impl: str = "auto", subpixel: bool = False):
         nn.Module.__init__(self)
         # Same construction and init order as the reference, so a seed gives the same weights.
-        self.enc_class_model = class_encoder or ref.ClassEncoder(n_downs_class, nf, latent_dim)
+        self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
         self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, impl, content_dim)
         self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, impl, subpixel, content_dim)
         self.mlp = ref.MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
@@ -139,14 +224,17 @@ class Generator(ref.Generator):
             ref.init_kaiming(part)
         self.impl = impl
 
-    @property
-    def impl(self) -> str:
-        return self._impl
 
-    @impl.setter
-    def impl(self, value: str) -> None:
-        # Each fused block holds its own copy (so enc_content / dec also work standalone).
-        for m in self.modules():
-            if isinstance(m, Conv2dBlock):
-                m.impl = value
-        self._impl = value
+class ClassEncoder(ref.ClassEncoder):
+    """The reference's layers with fast pads and the channels_last-keeping global pool."""
+    block, pool = PlainConv2dBlock, GlobalAvgPool
+
+
+class ActFirstResBlock(ref.ActFirstResBlock):
+    block = PlainConv2dBlock
+
+
+class Discriminator(Switchable, ref.Discriminator):
+    """FUNIT's discriminator with every reflect pad by `kernels.reflect_pad` (same keys and
+    initialisation as the reference). `impl` as the Generator's."""
+    block, res_block, pad, avg_pool = PlainConv2dBlock, ActFirstResBlock, ReflectPad2d, AvgPool2d

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import adain_ref
+from .ops import adain_ref, pixel_rows
 from ..torch_files import safe_torch_load
 from .weights import load_checked
 
@@ -57,7 +57,7 @@ class Conv2dBlock(nn.Module):
         if self.act_first:
             x = _activate(x, self.act)
         if self.padding:
-            x = F.pad(x, (self.padding,) * 4, mode="reflect")
+            x = self.pad(x)
         x = self.conv(x)
         post_act = "none" if self.act_first else self.act
         if self.norm_kind == "in":
@@ -66,6 +66,11 @@ class Conv2dBlock(nn.Module):
             weight, bias = style
             return adain_ref(x, weight, bias, act=post_act)
         return _activate(x, post_act)
+
+
+    def pad(self, x):
+        """Reflect padding (the fast models' blocks replace it by `kernels.reflect_pad`)."""
+        return F.pad(x, (self.padding,) * 4, mode="reflect")
 
 
 class ResBlock(nn.Module):
@@ -120,15 +125,19 @@ class ContentEncoder(nn.Module):
 class ClassEncoder(nn.Module):
     """No norm: 7x7 conv, two width-doubling downs, `downs - 2` more downs, global pool, 1x1 conv."""
 
+    # The fast model's subclass swaps in its own (no parameters of their own: same keys).
+    block, pool = Conv2dBlock, nn.AdaptiveAvgPool2d
+
     def __init__(self, downs, dim, latent_dim):
         super().__init__()
-        layers = [Conv2dBlock(3, dim, 7, 1, 3, act="relu")]
+        block = self.block
+        layers = [block(3, dim, 7, 1, 3, act="relu")]
         for _ in range(2):
-            layers.append(Conv2dBlock(dim, 2 * dim, 4, 2, 1, act="relu"))
+            layers.append(block(dim, 2 * dim, 4, 2, 1, act="relu"))
             dim *= 2
         for _ in range(downs - 2):
-            layers.append(Conv2dBlock(dim, dim, 4, 2, 1, act="relu"))
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, latent_dim, 1, 1, 0)]
+            layers.append(block(dim, dim, 4, 2, 1, act="relu"))
+        layers += [self.pool(1), nn.Conv2d(dim, latent_dim, 1, 1, 0)]
         self.model = nn.Sequential(*layers)
         self.out_dim = latent_dim
 
@@ -282,14 +291,16 @@ class ActFirstResBlock(nn.Module):
     shortcut, conv_s sees the un-activated x.
     """
 
+    block = Conv2dBlock  # the fast model's subclass swaps in its own
+
     def __init__(self, fin, fout):
         super().__init__()
         self.learned_shortcut = fin != fout
         fhid = min(fin, fout)
-        self.conv_0 = Conv2dBlock(fin, fhid, 3, 1, 1, act="lrelu", act_first=True)
-        self.conv_1 = Conv2dBlock(fhid, fout, 3, 1, 1, act="lrelu", act_first=True)
+        self.conv_0 = self.block(fin, fhid, 3, 1, 1, act="lrelu", act_first=True)
+        self.conv_1 = self.block(fhid, fout, 3, 1, 1, act="lrelu", act_first=True)
         if self.learned_shortcut:
-            self.conv_s = Conv2dBlock(fin, fout, 1, 1, act="none", bias=False)
+            self.conv_s = self.block(fin, fout, 1, 1, act="none", bias=False)
 
     def forward(self, x):
         shortcut = self.conv_s(x) if self.learned_shortcut else F.leaky_relu(x, 0.2)
@@ -304,20 +315,23 @@ class Discriminator(nn.Module):
     (the original in-place LeakyReLU of cnn_c rewrote the returned features).
     """
 
+    # The fast model's subclass swaps in its own (the pad has no parameters: same keys).
+    block, res_block, pad, avg_pool = Conv2dBlock, ActFirstResBlock, nn.ReflectionPad2d, nn.AvgPool2d
+
     def __init__(self, num_classes: int, nf: int = 64, n_res_blks: int = 10):
         super().__init__()
         if n_res_blks % 2:
             raise ValueError(f"Discriminator: n_res_blks must be even, got {n_res_blks}")
-        layers = [Conv2dBlock(3, nf, 7, 1, 3, act="none")]
+        res = self.res_block
+        layers = [self.block(3, nf, 7, 1, 3, act="none")]
         for _ in range(n_res_blks // 2 - 1):
             nf_out = min(nf * 2, 1024)
-            layers += [ActFirstResBlock(nf, nf), ActFirstResBlock(nf, nf_out),
-                       nn.ReflectionPad2d(1), nn.AvgPool2d(kernel_size=3, stride=2)]
+            layers += [res(nf, nf), res(nf, nf_out), self.pad(1), self.avg_pool(kernel_size=3, stride=2)]
             nf = nf_out
         nf_out = min(nf * 2, 1024)
-        layers += [ActFirstResBlock(nf, nf), ActFirstResBlock(nf, nf_out)]
+        layers += [res(nf, nf), res(nf, nf_out)]
         self.cnn_f = nn.Sequential(*layers)
-        self.cnn_c = nn.Sequential(Conv2dBlock(nf_out, num_classes, 1, 1, act="lrelu", act_first=True))
+        self.cnn_c = nn.Sequential(self.block(nf_out, num_classes, 1, 1, act="lrelu", act_first=True))
         self.num_classes = num_classes
         init_kaiming(self)
 
@@ -330,5 +344,9 @@ class Discriminator(nn.Module):
         # gradients, but its backward is a scatter, where advanced indexing's is index_put_ with
         # accumulate, which syncs with the host on CUDA and so cannot be captured in a CUDA graph.
         B, _, H, W = out.shape
+        rows = pixel_rows(out)
+        if rows is not None:  # channels_last: the same gather on the (B, H*W, K) view (its backward
+            # then writes a channels_last gradient; see pixel_rows)
+            return rows.gather(2, y.view(B, 1, 1).expand(B, H * W, 1)).view(B, H, W), feat
         resp = out.gather(1, y.view(B, 1, 1, 1).expand(B, 1, H, W)).squeeze(1)
         return resp, feat

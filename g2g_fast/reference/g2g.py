@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops import memory_format_of
+
 
 def make_pairs(x: torch.Tensor, y: torch.Tensor, pairing: str = "halves"):
     """Split a batch into pairs -> (x1, y1, x2, y2).
@@ -54,12 +56,47 @@ class G2GOutputs:
     r2: torch.Tensor | None = None
 
 
+class _SplitBatch(torch.autograd.Function):
+    """`x.split(n)` along the batch, with a backward that keeps x's memory format.
+
+    Slicing (`out[:n]`) gives one `slice_backward` per slice, each a fresh zero tensor in NCHW
+    (aten's slice_backward allocates with `at::zeros`, on every device) plus an add; `split`'s
+    own backward is one `cat` of the gradients, NCHW again when one of them is undefined. Here
+    the gradient is one `cat`, undefined parts filled with zeros in x's layout, so a
+    channels_last network's gradients stay channels_last (issue 22). Same values exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, n):
+        ctx.set_materialize_grads(False)
+        ctx.meta = x.shape, x.dtype, x.device, memory_format_of(x)
+        return tuple(x.split(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        shape, dtype, device, fmt = ctx.meta
+        n = shape[0] // len(grads)
+        parts = [g if g is not None else
+                 torch.empty((n, *shape[1:]), dtype=dtype, device=device, memory_format=fmt).zero_()
+                 for g in grads]
+        return torch.cat(parts), None
+
+
+def split_batch(x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    """x cut into `parts` equal batch chunks (views), gradients in x's layout (_SplitBatch)."""
+    if x.shape[0] % parts:
+        raise ValueError(f"split_batch: batch {x.shape[0]} is not divisible by {parts}")
+    n = x.shape[0] // parts
+    if not x.requires_grad:
+        return tuple(x.split(n))
+    return _SplitBatch.apply(x, n)
+
+
 def _encode(model, x1, x2):
     """Both encoders once over [x1; x2]; returns (content1, content2, class1, class2)."""
-    n = x1.shape[0]
     x = torch.cat([x1, x2])
     a, b = model.encode_content(x), model.encode_class(x)
-    return a[:n], a[n:], b[:n], b[n:]
+    return (*split_batch(a, 2), *split_batch(b, 2))
 
 
 def disassemble(model, x1, x2, short: bool = False, class_codes=None) -> G2GOutputs:
@@ -67,19 +104,19 @@ def disassemble(model, x1, x2, short: bool = False, class_codes=None) -> G2GOutp
 
     `class_codes` (b1, b2): used instead of E_B(x1), E_B(x2) (K-shot evaluation: each the mean
     of the class codes of K images of that image's class)."""
-    n = x1.shape[0]
     if class_codes is None:
         a1, a2, b1, b2 = _encode(model, x1, x2)
     else:
         a = model.encode_content(torch.cat([x1, x2]))
-        (a1, a2), (b1, b2) = (a[:n], a[n:]), class_codes
+        (a1, a2), (b1, b2) = split_batch(a, 2), class_codes
     contents, classes = [a1, a2], [b2, b1]            # m1 = G(a1, b2), m2 = G(a2, b1)
     if short:
         contents, classes = contents + [a1, a2], classes + [b1, b2]   # s1 = G(a1, b1), s2 = G(a2, b2)
     out = model.decode(torch.cat(contents), torch.cat(classes))
-    o = G2GOutputs(x1=x1, x2=x2, a1=a1, a2=a2, b1=b1, b2=b2, m1=out[:n], m2=out[n:2 * n])
+    parts = split_batch(out, 4 if short else 2)
+    o = G2GOutputs(x1=x1, x2=x2, a1=a1, a2=a2, b1=b1, b2=b2, m1=parts[0], m2=parts[1])
     if short:
-        o.s1, o.s2 = out[2 * n:3 * n], out[3 * n:]
+        o.s1, o.s2 = parts[2], parts[3]
     return o
 
 
@@ -87,9 +124,8 @@ def g2g_forward(model, x1, x2, short: bool = False, class_codes=None) -> G2GOutp
     """Both stages: disassembly (mixes, optional short reconstructions), then reassembly.
     `class_codes`: see `disassemble` (stage 2 always encodes the mixes themselves)."""
     o = disassemble(model, x1, x2, short=short, class_codes=class_codes)
-    n = x1.shape[0]
     o.am1, o.am2, o.bm1, o.bm2 = _encode(model, o.m1, o.m2)
     # r1 takes m1's content (x1's) and m2's class (x1's); r2 the other way round.
     r = model.decode(torch.cat([o.am1, o.am2]), torch.cat([o.bm2, o.bm1]))
-    o.r1, o.r2 = r[:n], r[n:]
+    o.r1, o.r2 = split_batch(r, 2)
     return o

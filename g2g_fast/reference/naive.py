@@ -73,22 +73,36 @@ class LordGenerator(nn.Module):
         )
 
     def forward(self, content_code, class_code):
-        x = self.fc_layers(content_code).view(-1, self.channels, self.h0, self.h0)
+        x = self.grid(self.fc_layers(content_code).view(-1, self.channels, self.h0, self.h0))
+        # One unbind of a 3-D view, then an index per layer: indexing the 4-D (B, layers, C, 2)
+        # tensor per layer would give one zero-filled 4-D gradient per index in the backward.
         params = self.modulation(class_code)
+        B, n, C, _ = params.shape
+        bias, weight = (t.view(B, n, C) for t in params.reshape(B, n * C, 2).unbind(-1))
         for i, conv in enumerate(self.adain_convs):
             x = F.leaky_relu(conv(F.interpolate(x, scale_factor=2, mode="nearest")), 0.01)
-            x = adain_ref(x, params[:, i, :, 1], params[:, i, :, 0])  # AdaIN after the activation
+            x = self.norm(x, weight[:, i], bias[:, i])  # AdaIN after the activation
         return torch.tanh(self.last_conv_layers(x))
+
+    # What the fast model (g2g_fast.models.naive) replaces: the AdaIN op, and the layout of the
+    # first feature map (the FC output read as NCHW).
+    def norm(self, x, weight, bias):
+        return adain_ref(x, weight, bias)
+
+    def grid(self, x):
+        return x
 
 
 class NaiveModel(nn.Module):
     """E_A (content) and E_B (class), separate weights, same architecture, plus the generator."""
 
+    generator_class = LordGenerator  # the fast model's subclass swaps in its own
+
     def __init__(self, image_size: int = 128, code_dim: int = 256, gen_channels: int = 256):
         super().__init__()
         self.enc_a = NaiveEncoder(image_size, code_dim)
         self.enc_b = NaiveEncoder(image_size, code_dim)
-        self.gen = LordGenerator(image_size, code_dim, gen_channels)
+        self.gen = self.generator_class(image_size, code_dim, gen_channels)
 
     def encode_content(self, x):
         return self.enc_a(x)

@@ -92,3 +92,37 @@ def upsample_conv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     pad = weight.shape[-1] // 2
     up = F.interpolate(x, scale_factor=2, mode="nearest")
     return F.conv2d(F.pad(up, (pad,) * 4, mode="reflect"), weight, bias)
+
+
+def reflect_pad_ref(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflect padding by `pad` on all four sides of a (B, C, H, W) tensor (FUNIT's padded convs):
+    F.pad(x, (pad,) * 4, mode="reflect"), the twin of `kernels.reflect_pad`.
+
+    y[b, c, i, j] = x[b, c, r(i - pad, H), r(j - pad, W)] with r(i, n) = -i for i < 0 and
+    2 (n - 1) - i for i >= n: mirrored about the edge pixel, which is not repeated (row -1 is row 1,
+    not row 0), so pad < H and pad < W. Output shape (B, C, H + 2 pad, W + 2 pad), x's dtype and
+    memory format (on the CPU; aten's CUDA kernel writes NCHW). A gather, so exact in any dtype: no
+    `upcast` option. Its backward sums the output gradient over the (up to 9) positions that read
+    each input pixel.
+    """
+    return F.pad(x, (pad,) * 4, mode="reflect")
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored so (and not also NCHW-contiguous), else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def pixel_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """A channels_last (B, C, H, W) tensor as the (B, H*W, C) view of its memory; None otherwise.
+
+    Reductions over pixels and indexing along channels done on this view give the same values,
+    and their backward allocates its gradient in this view's order, i.e. channels_last: on the
+    4-D NCHW-shaped tensor the gradient of a mean (an expanded scalar, divided) or of a gather
+    (a fresh zero tensor) comes out NCHW, on every device (issue 22)."""
+    if memory_format_of(x) == torch.channels_last:
+        B, C, H, W = x.shape
+        return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    return None

@@ -13,15 +13,13 @@ import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import BaseConfig, CycleFunitConfig, Funit2FunitConfig, NaiveConfig
-from .funit import Discriminator, Generator, load_official_generator, read_official_file
+from .backend import ReferenceBackend, ema_update  # noqa: F401  (re-exported: callers import them from here)
+from .funit import Generator, load_official_generator, read_official_file
 from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs
 from .identity import IdentityEncoder
-from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hinge_g, lsgan, r1_penalty
-from .naive import NaiveModel
-from .patchgan import PatchDiscriminator
+from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hinge_g, l1, lsgan, r1_penalty
 from .vgg import VGGPerceptual, perceptual_l1
 from .weights import load_checked
 
@@ -30,43 +28,8 @@ log = logging.getLogger("g2g_fast")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ReferenceBackend:
-    """How an approach builds its generator, optimisers and EMA update: plain PyTorch, fp32
-    layouts, PyTorch's default optimiser implementations. `g2g_fast.backends.FastBackend`
-    swaps in the fused-kernel generator, channels_last, fused optimisers and a foreach EMA."""
-
-    name = "reference"
-    memory_format = torch.contiguous_format
-
-    def generator(self, **kwargs) -> nn.Module:
-        return Generator(**kwargs)
-
-    def rmsprop(self, params, **kwargs):
-        return torch.optim.RMSprop(params, **kwargs)
-
-    def adam(self, params, **kwargs):
-        return torch.optim.Adam(params, **kwargs)
-
-    def ema_update(self, ema: nn.Module, model: nn.Module, beta: float) -> None:
-        ema_update(ema, model, beta)
-
-    def describe(self, approach) -> dict:
-        """What ran, for metrics and benchmark metadata."""
-        return {"backend": self.name, "kernels": "reference",
-                "optimizer": type(approach.opt_g).__name__, "precision": approach.precision}
-
-
 def trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """p_ema = beta * p_ema + (1 - beta) * p over parameters; buffers are copied."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1.0 - beta)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -283,7 +246,7 @@ class Funit2Funit(Approach):
         cfg = self.cfg
         gen = self.backend.generator(**cfg.arch_kwargs())
         self.ema_init = init_generator(gen, cfg, self.init)
-        return gen, Discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
+        return gen, self.backend.discriminator(self.num_classes, cfg.dis_nf, cfg.dis_n_res_blks)
 
     def build_optimizers(self):
         cfg = self.cfg
@@ -300,7 +263,7 @@ class Funit2Funit(Approach):
             xi = xi.detach().requires_grad_(True)
             resp, _ = self.dis(xi, yi)
             real.append(hinge_d_real(resp))
-            reg.append(r1_penalty(resp, xi))
+            reg.append(r1_penalty(resp, xi, self.scaler_d))  # fp16: scaled (losses.py)
         # Each mix is judged on the class it carries: m1 has x2's class (label y2), m2 has y1.
         # (The original code used the swapped labels.)
         fake = [hinge_d_fake(self.dis(m1, y2)[0]), hinge_d_fake(self.dis(m2, y1)[0])]
@@ -325,10 +288,10 @@ class Funit2Funit(Approach):
             _, f_x2 = D(o.x2, y2)
         terms = {
             "g_adv": (hinge_g(resp_m1) + hinge_g(resp_m2) + hinge_g(resp_s1) + hinge_g(resp_s2)) / 4,
-            "g_short": (F.l1_loss(o.s1, o.x1) + F.l1_loss(o.s2, o.x2)) / 2,
+            "g_short": (l1(o.s1, o.x1) + l1(o.s2, o.x2)) / 2,
             "g_fm_rec": (fm(f_s1, f_x1) + fm(f_s2, f_x2)) / 2,
             "g_fm_mix": (fm(f_m1, f_x2) + fm(f_m2, f_x1)) / 2,       # mix vs the original of its class
-            "g_long": (F.l1_loss(o.r1, o.x1) + F.l1_loss(o.r2, o.x2)) / 2,
+            "g_long": (l1(o.r1, o.x1) + l1(o.r2, o.x2)) / 2,
             "g_fm_long": (fm(f_r1, f_x1) + fm(f_r2, f_x2)) / 2,
             "g_fm_mix_rec": (fm(f_r1, f_m2) + fm(f_r2, f_m1)) / 2,   # r_i vs the mix carrying its class
         }
@@ -361,7 +324,7 @@ class CycleFunit(Approach):
         self.ema_init = init_generator(gen, cfg, self.init)
         if self.init != "inference" and not cfg.vgg_weights:
             log.warning("no vgg_weights given: the perceptual loss falls back to pixel L1")
-        return gen, PatchDiscriminator(cfg.patch_nf)
+        return gen, self.backend.patch_discriminator(cfg.patch_nf)
 
     def build_optimizers(self):
         cfg = self.cfg
@@ -400,7 +363,7 @@ class CycleFunit(Approach):
             idn = self.id_net
             with torch.no_grad():
                 id1, id2 = idn(o.x1), idn(o.x2)
-            terms["g_identity"] = F.l1_loss(idn(o.m2), id1) + F.l1_loss(idn(o.m1), id2)
+            terms["g_identity"] = l1(idn(o.m2), id1) + l1(idn(o.m1), id2)
             w["g_identity"] = self.identity_weight()
         return weighted_total(terms, w), terms
 
@@ -412,7 +375,7 @@ class Naive(Approach):
     uses_short = False
 
     def build_networks(self):
-        return NaiveModel(self.cfg.image_size, self.cfg.code_dim, self.cfg.gen_channels), None
+        return self.backend.naive_model(self.cfg.image_size, self.cfg.code_dim, self.cfg.gen_channels), None
 
     def build_optimizers(self):
         cfg = self.cfg
@@ -420,7 +383,7 @@ class Naive(Approach):
 
     def g_loss(self, o, y1, y2):
         content, klass = code_cycle(o)
-        terms = {"g_long": F.l1_loss(o.r1, o.x1) + F.l1_loss(o.r2, o.x2),
+        terms = {"g_long": l1(o.r1, o.x1) + l1(o.r2, o.x2),
                  "g_content_cycle": content, "g_class_cycle": klass}
         w = {"g_long": 1.0, "g_content_cycle": self.cfg.gamma, "g_class_cycle": self.cfg.gamma}
         return weighted_total(terms, w), terms

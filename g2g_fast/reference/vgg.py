@@ -16,8 +16,8 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .losses import l1
 from .weights import Frozen, load_checked, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,5 +66,5 @@ class VGGPerceptual(Frozen):
 def perceptual_l1(vgg: VGGPerceptual | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """L1 between VGG16 relu2_2 features of `a` and `b`; pixel L1 when `vgg` is None."""
     if vgg is None:
-        return F.l1_loss(a, b)
-    return F.l1_loss(vgg(a), vgg(b))
+        return l1(a, b)
+    return l1(vgg(a), vgg(b))
