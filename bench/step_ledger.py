@@ -38,7 +38,6 @@ Writes <out>/step_ledger.md (the tables) and <out>/step_ledger.json (what
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -254,7 +253,8 @@ def report(results: dict, image_size: int, seconds: float) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from g2g_fast.options import OneLineErrorParser
+    p = OneLineErrorParser(prog="python bench/step_ledger.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--batches", default="8,64", help="comma-separated even batch sizes (default 8,64)")
     p.add_argument("--image-size", type=int, default=128)
@@ -265,6 +265,12 @@ def main(argv=None) -> int:
         p.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
     if any(b < 2 or b % 2 for b in batches):
         p.error(f"--batches: every batch must be even and >= 2, got {args.batches}")
+    from g2g_fast.config import config_from_dict
+    for batch in batches:  # a configuration FUNIT2FUNIT rejects, before any tracing
+        try:
+            config_from_dict("funit2funit", dict(image_size=args.image_size, batch_size=batch)).validate()
+        except ValueError as e:
+            p.error(f"--image-size {args.image_size}, batch {batch}: {e}")
     t0 = time.time()
     results = {}
     for batch in batches:

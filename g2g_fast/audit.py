@@ -26,7 +26,6 @@ The tracer (`Tracer`) is also what `bench/step_ledger.py` counts with (there und
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -300,7 +299,8 @@ def format_findings(tracer: Tracer, limit: int = 40) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m g2g_fast.audit", description=__doc__.split("\n\n")[0])
+    from .options import OneLineErrorParser
+    p = OneLineErrorParser(prog="python -m g2g_fast.audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--approach", default="all", choices=["all", *TINY])
     p.add_argument("--backend", default="fast", choices=["fast", "reference"])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -312,7 +312,10 @@ def main(argv=None) -> int:
         p.error(f"--batch must be even and >= 2, got {args.batch}")
     bad = 0
     for approach in TINY if args.approach == "all" else [args.approach]:
-        t = audit_iteration(approach, args.backend, args.precision, args.batch, args.image_size)
+        try:
+            t = audit_iteration(approach, args.backend, args.precision, args.batch, args.image_size)
+        except ValueError as e:  # a configuration the approach rejects (e.g. the image size)
+            p.error(f"--approach {approach}: {e}")
         print(format_table(t, f"{approach}, backend {args.backend}, {args.precision}, batch {args.batch}, "
                               f"{args.image_size} px"))
         print()

@@ -156,6 +156,12 @@ CASES = [
     ("evaluate --k-shot 0", ("g2g_fast.evaluate", "--checkpoint", "{d}/run/checkpoints/last.pt", "--k-shot", "0",
                              "--json", "{d}/new_out.json"),
      "error: --k-shot must be a positive integer, got 0"),
+    # the layout and precision audit (issue 22)
+    ("audit: unknown approach", ("g2g_fast.audit", "--approach", "bogus"),
+     "error: argument --approach: invalid choice: 'bogus'"),
+    ("audit: odd batch", ("g2g_fast.audit", "--batch", "3"), "error: --batch must be even and >= 2, got 3"),
+    ("audit: image size", ("g2g_fast.audit", "--approach", "naive", "--image-size", "40"),
+     "error: --approach naive: image_size must be a multiple of 32"),
 ]
 
 

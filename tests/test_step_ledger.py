@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -56,10 +58,14 @@ def test_adain_bytes_follow_the_kernel_ledger():
     assert L.adain_bytes("split", n, backward=True, residual=False) == 5 * n
 
 
-def test_command_rejects_bad_batches_before_tracing(tmp_path):
-    import pytest
-    with pytest.raises(SystemExit):
-        L.main(["--batches", "3", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        L.main(["--batches", "x", "--out", str(tmp_path)])
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "3"], "error: --batches: every batch must be even and >= 2, got 3"),
+    (["--batches", "x"], "error: --batches: expected comma-separated integers, got 'x'"),
+    (["--image-size", "100"], "error: --image-size 100, batch 8: image_size 100 must be divisible by 2**n_downs"),
+])
+def test_command_rejects_bad_input_in_one_line_before_tracing(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        L.main([*argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(message), err
     assert not list(tmp_path.iterdir())
