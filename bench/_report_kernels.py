@@ -104,7 +104,7 @@ def bandwidth(ctx, out: dict) -> None:
         for fmt, (dtype, mf) in S.FORMATS.items():
             for C, H, W in ctx.shapes:
                 where = f"bandwidth {provider} {fmt} {ctx.B}x{S.shape_id(C, H, W)}"
-                if ctx.skip(where, 40 if provider == "compile" and not ctx.smoke else 5):
+                if ctx.skip(where, 25 if provider == "compile" and not ctx.smoke else 5):  # an inductor compile
                     continue
                 try:
                     fn = fn or S.make_provider(provider, impl=ctx.impl, compile_backend=ctx.compile_backend)

@@ -29,9 +29,10 @@ reflect pad whose input is a fused norm's output at 0 (in the fused design the n
 output straight into the padded buffer, border mirrored in the same pass), and so the fold of
 such a pad's gradient when it feeds the norm's backward directly (one that is first summed with
 a residual's gradient is not counted as fusable: conservative), and every other op at its own
-compulsory traffic. The layout copies a norm launcher makes (`match_layout`) happen inside the
-launcher, which fakes do not run: the layout audit (`python -m g2g_fast.audit`) is what shows
-there are none.
+compulsory traffic. The layout copies a norm launcher would make (`match_layout`, for an input
+in the other layout) happen inside the launcher, which fakes do not run: the layout audit
+(`python -m g2g_fast.audit`) shows that every tensor the fused ops are given is channels_last,
+so none is made.
 
 Writes <out>/step_ledger.md (the tables) and <out>/step_ledger.json (what
 `bench/gpu_report.py`'s train-step section prints beside its measurements).
@@ -61,6 +62,9 @@ MACHINES = {
 BACKENDS = (("reference", "fp32"), ("fast", "bf16"))
 NUM_CLASSES = 119
 # Ops that move no data: metadata queries and aliasing (views are skipped by their schema).
+FACTORIES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
+             "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "scalar_tensor"}
+UNWRITTEN = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 PADS = {"reflection_pad2d", "g2g_kernels::reflect_pad_fwd"}
 PAD_BACKWARDS = {"reflection_pad2d_backward", "g2g_kernels::reflect_pad_bwd"}
 NO_TRAFFIC = {"detach", "lift_fresh", "alias", "_record_function_enter_new", "_record_function_exit"}
@@ -78,8 +82,9 @@ class Ledger:
     """The per-op rows of one traced iteration."""
 
     def __init__(self):
-        self.rows = collections.defaultdict(lambda: dict(calls=0, flops=0, read=0, written=0, lowp=0,
-                                                         minimum=0, fusable=0, time=collections.Counter()))
+        self.rows = collections.defaultdict(lambda: dict(
+            calls=0, flops=0, read=0, written=0, lowp=0, minimum=0, fusable=0, time=collections.Counter(),
+            membound=collections.Counter(), membound_min=collections.Counter()))
         self.plans = collections.Counter()
         # Fusable pads: a pad whose input is a fused norm's output (forward), or whose gradient
         # goes straight into a fused norm's backward. Tensors are held, so their ids stay unique.
@@ -93,8 +98,12 @@ class Ledger:
         name = op if ns == "aten" else f"{ns}::{op}"
         tensors_in = {id(a): a for a in _tensors((args, kwargs))}
         outs = list(_tensors(out))
-        read = sum(_nbytes(t) for t in tensors_in.values())
-        written = sum(_nbytes(t) for t in outs)
+        # Written: the outputs and every argument the schema marks as mutated (in-place and
+        # foreach ops return None or an alias), each once; a factory reads nothing, `empty` writes
+        # nothing either.
+        written_t = {id(t): t for t in outs + _mutated(func, args, kwargs)}
+        read = 0 if op in FACTORIES else sum(_nbytes(t) for t in tensors_in.values())
+        written = 0 if op in UNWRITTEN else sum(_nbytes(t) for t in written_t.values())
         minimum = read + written
         if name in ("g2g_kernels::adain_fwd", "g2g_kernels::adain_bwd"):
             read, written, minimum = self._adain(name, args, read, written)
@@ -102,8 +111,11 @@ class Ledger:
                 self._norm_outputs[id(outs[0])] = outs[0]
             elif id(args[0]) in self._pad_grads:   # dy: the fold of a pad of this norm's output
                 pad_name, t, moved = self._pad_grads.pop(id(args[0]))
-                self.rows[pad_name]["minimum"] -= moved
-                self.rows[pad_name]["fusable"] += moved
+                pad_row = self.rows[pad_name]
+                pad_row["minimum"] -= moved
+                pad_row["fusable"] += moved
+                for key in MACHINES:   # a pad is memory-bound on every machine
+                    pad_row["membound_min"][key] -= moved
         if name in PADS and id(args[0]) in self._norm_outputs:
             minimum = 0  # written by the norm's store in the fused design: no pass of its own
             self.rows[name]["fusable"] += read + written
@@ -124,7 +136,11 @@ class Ledger:
         r["lowp"] += lowp
         for key, m in MACHINES.items():
             peak = m["bf16_flops"] if lowp else m["fp32_flops"]
-            r["time"][key] += max(flops / peak, (read + written) / m["bandwidth"])
+            moved = read + written
+            r["time"][key] += max(flops / peak, moved / m["bandwidth"])
+            if moved and flops / moved < peak / m["bandwidth"]:  # memory-bound, call by call
+                r["membound"][key] += moved
+                r["membound_min"][key] += minimum
 
     def _adain(self, name, args, read, written):
         from kernels import instance_norm as KI
@@ -148,13 +164,18 @@ class Ledger:
             for k in ("calls", "flops", "read", "written", "minimum"):
                 t[k] += r[k]
             t["time"].update(r["time"])
-            for key, m in MACHINES.items():
-                peak = m["bf16_flops"] if r["lowp"] else m["fp32_flops"]
-                moved = r["read"] + r["written"]
-                if moved and r["flops"] / moved < peak / m["bandwidth"]:
-                    t["membound_bytes"][key] += moved
-                    t["membound_minimum"][key] += r["minimum"]
+            t["membound_bytes"].update(r["membound"])
+            t["membound_minimum"].update(r["membound_min"])
         return t
+
+
+def _mutated(func, args, kwargs) -> list:
+    """The tensors of the arguments `func`'s schema marks as written (`Tensor(a!)`)."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out += list(_tensors(args[i] if i < len(args) else kwargs.get(a.name)))
+    return out
 
 
 def _tensors(tree):

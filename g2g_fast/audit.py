@@ -10,8 +10,9 @@ of its 4-D outputs; then every violation of the three rules below (exit code 1 i
 1. No op whose CUDA kernel drops channels_last (or accumulates with atomics) — `KNOWN_BAD`,
    each with its source. The CPU kernels of some of these keep channels_last, so a CPU run
    cannot show the defect by strides: the op's presence is the failure.
-2. Every 4-D activation produced (non-view ops) in channels_last when the network runs in
-   channels_last; a tensor shaped like a 4-D parameter of the networks or its transpose (a
+2. Every 4-D activation produced (non-view ops, the fused kernels' custom ops included) and every
+   activation a convolution reads (forward and backward: cuDNN would convert it) in channels_last
+   when the network runs in channels_last; a tensor shaped like a 4-D parameter of the networks or its transpose (a
    weight or its gradient) is not an activation. Exceptions only through `ALLOW`, each with its reason.
 3. No loss term or statistic reduced in bf16/fp16: a reduction (`REDUCTIONS`) in the forward
    whose output is low precision, except `ALLOW`ed ones. Gradient reductions in the backward
@@ -58,16 +59,23 @@ KNOWN_BAD = {
 
 # Reductions whose low-precision output in the forward is a loss or a statistic.
 REDUCTIONS = {"mean", "sum", "var", "var_mean", "std", "std_mean", "norm", "linalg_vector_norm",
-              "mse_loss", "l1_loss", "smooth_l1_loss", "nansum", "prod", "logsumexp", "amax", "amin"}
+              "mse_loss", "l1_loss", "smooth_l1_loss", "nansum", "prod", "logsumexp", "amax", "amin",
+              "adaptive_avg_pool2d", "_adaptive_avg_pool2d"}
+# Ops that read an activation cuDNN wants in the weight's layout: an NCHW input with channels_last
+# weights is converted by a copy in front of the call on CUDA (aten's convolution picks the layout
+# from input and weight: cudnn_conv_suggest_memory_format), which the CPU trace would not show.
+CONV_INPUTS = {"convolution": (0,), "convolution_backward": (0, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Allow:
-    """One exception: `op` outputs whose `where` contains `where` are accepted, for `reason`."""
+    """One exception: findings of `rule` on `op` whose `where` contains `where` (and whose detail
+    contains `detail`) are accepted, for `reason`."""
     rule: str      # "layout" | "lowp"
     op: str
     where: str
     reason: str
+    detail: str = ""
 
 
 ALLOW = (
@@ -75,10 +83,15 @@ ALLOW = (
           "the class encoder's global average pool (AdaptiveAvgPool2d) is an activation that feeds "
           "a 1x1 conv, in the precision autocast gives every conv input; no loss or statistic (the reference "
           "networks: the fast ClassEncoder pools in fp32)"),
-    Allow("layout", "clone", "backward ViewBackward0 of reference/naive.py:forward",
+    Allow("layout", "clone", "backward ViewBackward0 of reference/naive.py:forward <- reference/naive.py:decode",
           "LORD's fully connected output is a (B, C*h*w) vector read as NCHW (the parameters' meaning "
           "fixes that order); its one conversion, at 1/16 of the image size, is made here and undone "
           "by this clone in the backward"),
+    Allow("layout", "convolution", "backward ConvolutionBackwardBackward0",
+          "aten's double backward of a convolution (R1) computes the weight's gradient as a "
+          "convolution over batch-transposed views of the input and the gradient "
+          "(_convolution_double_backward): its own strided operands, not an activation",
+          detail="strided input 0"),
 )
 
 
@@ -185,27 +198,33 @@ class Tracer(TorchDispatchMode):
                 st.layouts[layout(o)] += 1
         if self.on_op is not None:
             self.on_op(func, args, kwargs, out)
-        if self.audit and ns == "aten":
-            self._check(op, func, outs)
+        if self.audit and ns in ("aten", "g2g_kernels"):
+            self._check(op, func, args, outs)
         return out
 
-    def _check(self, op, func, outs):
+    def _check(self, op, func, args, outs):
         if op in KNOWN_BAD:
             self._find("known-bad", op, outs[0] if outs else None, KNOWN_BAD[op])
         if self.channels_last and not func.is_view:
-            for o in outs:
-                if (o.dim() == 4 and o.is_floating_point() and layout(o) in ("nchw", "strided")
-                        and tuple(o.shape) not in self.param_shapes):
+            for o in outs:  # the custom ops' outputs too (a launcher copy is inside the op)
+                if self._nchw_activation(o):
                     self._find("layout", op, o, f"{layout(o)} output")
+            for i in CONV_INPUTS.get(op, ()):
+                if i < len(args) and self._nchw_activation(args[i]):
+                    self._find("layout", op, args[i], f"{layout(args[i])} input {i} (converted for cuDNN)")
         if op in REDUCTIONS and torch._C._current_autograd_node() is None:
             for o in outs:
                 if o.dtype in (torch.bfloat16, torch.float16):
                     self._find("lowp", op, o, "reduced in " + str(o.dtype).replace("torch.", ""))
 
+    def _nchw_activation(self, t) -> bool:
+        return (isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+                and layout(t) in ("nchw", "strided") and tuple(t.shape) not in self.param_shapes)
+
     def _find(self, rule, op, t, detail):
         where = _where()
         for a in ALLOW:
-            if a.rule == rule and a.op == op and a.where in where:
+            if a.rule == rule and a.op == op and a.where in where and a.detail in detail:
                 self.allowed[a] += 1
                 return
         self.findings.append(Finding(rule, op, tuple(t.shape) if t is not None else (),

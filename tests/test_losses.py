@@ -139,27 +139,3 @@ def test_hinge_mean_of_a_large_map_is_fp32_exact():
         old = torch.relu(1.0 - resp).mean()
     assert got.item() == pytest.approx(exact, rel=1e-6)
     assert old.dtype == torch.bfloat16 and abs(old.item() - exact) > 1e-4 * exact
-
-
-# --- fp16 R1 through the GradScaler (issue 22) -------------------------------------------------
-
-def test_r1_with_a_scaler_scales_the_gradient_and_routes_an_overflow_to_the_scaler():
-    """A one-multiply "D" in fp16, resp = x * w with w = 6e4: the gradient of the mean of its 4
-    responses, w / 4 = 1.5e4, is finite in fp16, times the loss scale 2^16 it is not.
-    - scale 2^2: the penalty equals the unscaled one (the scale is divided out in fp32);
-    - scale 2^16: the penalty stays finite (the logged loss must not stop training) and w's
-      gradient is inf, so `scaler.step` skips the update. The graph alone would give w a finite
-      gradient (0) there: the inf comes from `r1_penalty` routing the overflow into backward."""
-    def run(scaler):
-        x = torch.full((4, 1, 1, 1), 0.5, requires_grad=True)
-        w = torch.tensor(6e4, dtype=torch.float16, requires_grad=True)
-        resp = (x.half() * w).flatten(1)
-        r1 = L.r1_penalty(resp, x, scaler)
-        r1.backward()
-        return r1, w.grad
-    plain, plain_grad = run(None)
-    assert plain.item() == pytest.approx(4 * (6e4 / 4) ** 2 / 4, rel=1e-3) and torch.isfinite(plain_grad)
-    scaled, scaled_grad = run(torch.amp.GradScaler("cpu", init_scale=4.0))
-    assert scaled.item() == plain.item() and scaled_grad.item() == pytest.approx(plain_grad.item(), rel=1e-3)
-    over, over_grad = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
-    assert torch.isfinite(over) and not torch.isfinite(over_grad), (over, over_grad)

@@ -334,53 +334,33 @@ def test_autocast_step_reduces_losses_and_statistics_in_fp32(approach, precision
         assert rec.allowed["adaptive_avg_pool2d"] > 0
 
 
-def test_fp16_r1_small_gradients_survive_the_loss_scale():
-    """D's output scaled by 1e-5 (its last conv, bias 0): the R1 gradient is ~1e-11 per pixel, below
-    fp16's smallest subnormal (6e-8). Unscaled, as before issue 22, the fp16 backward flushes it
-    to exactly 0 and so the penalty; through the GradScaler (2^16) the penalty is the fp32 one to
-    fp16 rounding, in the helper and in the D step's d_r1."""
+def _r1_grads(ap, x, y):
+    """D's parameter gradients after one D step (unscaled by the GradScaler under fp16)."""
+    ap.d_step(x, y)
+    return {n: p.grad.float().clone() for n, p in ap.dis.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("quiet", [1e-5, 3e-6])
+def test_fp16_r1_underflow_is_not_lost(quiet):
+    """D's output scaled by `quiet` (its last conv): the R1 gradient is ~1e-11 per pixel, below
+    fp16's smallest subnormal (6e-8). In fp16 the first-order pass flushes it to exactly 0 (the
+    penalty 0: checked here), and scaling that pass by the loss scale does not save D's weight
+    gradient: the second-order pass runs at the unscaled size (13.6% and 100% off at these
+    scales when it was tried, issue 22's review). The fp16 step runs R1 in fp32
+    (`Approach.r1_autocast`): its d_r1 and D's weight gradients (only R1 reaches them: gan_w=0)
+    are the fp32 step's."""
     x, y = batch()
-    ap16, ap32 = make("funit2funit", precision="fp16"), make("funit2funit")
+    ap16, ap32 = make("funit2funit", precision="fp16", gan_w=0.0), make("funit2funit", gan_w=0.0)  # same seed
     for ap in (ap16, ap32):
         with torch.no_grad():
-            ap.dis.cnn_c[0].conv.weight.mul_(1e-5)
+            ap.dis.cnn_c[0].conv.weight.mul_(quiet)
     xi = x[:2].clone().requires_grad_(True)
-
-    def r1(ap, scaler):
-        with ap.autocast():
-            resp, _ = ap.dis(xi, y[:2])
-            return r1_penalty(resp, xi, scaler)
-
-    want = r1(ap32, None)
-    assert 0 < want.item() < 1e-10
-    assert r1(ap16, None).item() == 0  # the old, unscaled fp16 R1
-    assert r1(ap16, ap16.scaler_d).item() == pytest.approx(want.item(), rel=1e-2)
-    got, ref = ap16.d_step(x, y)["d_r1"], ap32.d_step(x, y)["d_r1"]
-    assert got.item() == pytest.approx(ref.item(), rel=1e-2)
-
-
-@pytest.mark.parametrize("exponent", [16, 24])
-def test_fp16_r1_overflow_skips_the_d_update_and_backs_the_scale_off(exponent):
-    """Loss scale 2^24: the scaled R1 gradient overflows fp16 (checked). The D step then applies
-    no update (D and its optimiser state unchanged) and halves the scale, as GradScaler does for any
-    overflow, while every returned loss stays finite, so nan_policy "stop" does not end the run.
-    Control, 2^16: nothing overflows and D moves. The adversarial weight is 0 so that only R1
-    reaches D's gradients."""
-    ap = make("funit2funit", precision="fp16", gan_w=0.0)
-    scale = 2.0 ** exponent
-    ap.scaler_d = torch.amp.GradScaler("cpu", init_scale=scale)
-    x, y = batch()
-    xi = x[:2].clone().requires_grad_(True)
-    with ap.autocast():
-        (g,) = torch.autograd.grad(ap.dis(xi, y[:2])[0].float().mean() * scale, xi)
-    overflow = exponent == 24
-    assert torch.isfinite(g).all() != overflow
-    before = copy.deepcopy(ap.dis.state_dict())
-    losses = ap.d_step(x, y)
-    assert all(torch.isfinite(v) for v in losses.values()), losses
-    moved = [k for k, v in ap.dis.state_dict().items() if not torch.equal(v, before[k])]
-    if overflow:
-        assert not moved and not ap.opt_d.state, f"D was updated: {moved[:3]}"
-        assert ap.scaler_d.get_scale() == scale / 2
-    else:
-        assert moved and ap.scaler_d.get_scale() == scale
+    with ap16.autocast():  # what an fp16 R1 pass gives
+        assert r1_penalty(ap16.dis(xi, y[:2])[0], xi).item() == 0
+    got, ref = _r1_grads(ap16, x, y), _r1_grads(ap32, x, y)
+    assert set(got) == set(ref)
+    for n in ref:
+        err = (got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)
+        assert err < 1e-2, (n, err.item())
+    d16, d32 = ap16.d_step(x, y)["d_r1"], ap32.d_step(x, y)["d_r1"]
+    assert d32.item() > 0 and d16.item() == pytest.approx(d32.item(), rel=1e-2)

@@ -63,6 +63,13 @@ class AvgPool2d(nn.AvgPool2d):
     avg_pool2d_backward as a function of the gradient only, and its own backward is the pool
     again. Same values; the memory format of the input throughout."""
 
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+        if padding or ceil_mode or not count_include_pad or divisor_override is not None:
+            raise ValueError("AvgPool2d: only padding 0, ceil_mode False, count_include_pad True and no "
+                             "divisor_override (what FUNIT's discriminator uses)")
+        super().__init__(kernel_size, stride)
+
     def forward(self, x):
         return _AvgPool.apply(x, self.kernel_size, self.stride)
 

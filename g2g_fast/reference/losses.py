@@ -38,41 +38,13 @@ def hinge_g(resp: torch.Tensor) -> torch.Tensor:
     return -upcast(resp).mean()
 
 
-class _Overflowed(torch.autograd.Function):
-    """The unscaled R1 gradient of an fp16 step with its non-finite entries (an fp16 overflow of
-    the scaled gradient) set to 0, so the penalty and the logged loss stay finite (a non-finite
-    loss would stop training under nan_policy "stop"); those entries' gradient is inf instead,
-    which the double backward carries into D's weight gradients (D's first conv sees every input
-    pixel), so `scaler.step` skips the update and backs the scale off, as for any overflow in
-    backward. No host sync."""
-
-    @staticmethod
-    def forward(ctx, g):
-        bad = ~torch.isfinite(g)
-        ctx.save_for_backward(bad)
-        return g.masked_fill(bad, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (bad,) = ctx.saved_tensors
-        return grad.masked_fill(bad, float("inf"))
-
-
-def r1_penalty(resp: torch.Tensor, x: torch.Tensor, scaler=None) -> torch.Tensor:
+def r1_penalty(resp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """FUNIT's R1: g = d mean(D_y(x)) / dx (graph kept for the double backward); sum(g^2) / B.
 
-    Note the mean over the whole map: like FUNIT, the penalty scales with 1/B^3 per sample.
-    `scaler` (fp16's GradScaler, None otherwise): g is taken of the mean times the loss scale S, so
-    the fp16 activation gradients of this backward are scaled like the loss's and small ones do
-    not flush to zero, then divided by S in fp32 (an overflow: `_Overflowed`). Without a scaler
-    (fp32, bf16) nothing of this runs.
+    Note the mean over the whole map: like FUNIT, the penalty scales with 1/B^3 per sample. Under
+    fp16 the training step computes it in fp32 (`Approach.r1_autocast`).
     """
-    if scaler is None:
-        (g,) = torch.autograd.grad(upcast(resp).mean(), x, create_graph=True)
-    else:
-        scale = scaler.scale(torch.ones((), device=x.device))  # S as a tensor (get_scale() syncs)
-        (g,) = torch.autograd.grad(upcast(resp).mean() * scale, x, create_graph=True)
-        g = _Overflowed.apply(upcast(g) / scale)
+    (g,) = torch.autograd.grad(upcast(resp).mean(), x, create_graph=True)
     return upcast(g).pow(2).sum() / x.shape[0]
 
 

@@ -137,6 +137,17 @@ class Approach:
         """Mixed precision for the forward passes; fp32 runs without autocast."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def r1_autocast(self):
+        """Where D's pass over the real images runs, R1's double backward included: under fp16 in
+        fp32 (autocast off), elsewhere in the step's precision. R1's first-order gradient of a
+        batch mean is small (~1e-11 a pixel for a quiet D) and the second-order pass of the
+        penalty runs at that unscaled size whatever loss scale the first-order pass is given (the
+        scale cancels in d penalty / d gradient), so fp16 flushes D's R1 gradient to zero without
+        any inf for the GradScaler to see (tests/test_steps.py). bf16 has fp32's range."""
+        if self.precision == "fp16":
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
+
     def _update(self, loss: torch.Tensor, opt, scaler) -> None:
         """Backward and optimiser step (loss-scaled under fp16); skipped for a non-finite loss
         when skip_nonfinite is set."""
@@ -261,9 +272,10 @@ class Funit2Funit(Approach):
         real, reg = [], []
         for xi, yi in ((x1, y1), (x2, y2)):
             xi = xi.detach().requires_grad_(True)
-            resp, _ = self.dis(xi, yi)
-            real.append(hinge_d_real(resp))
-            reg.append(r1_penalty(resp, xi, self.scaler_d))  # fp16: scaled (losses.py)
+            with self.r1_autocast():
+                resp, _ = self.dis(xi, yi)
+                real.append(hinge_d_real(resp))
+                reg.append(r1_penalty(resp, xi))
         # Each mix is judged on the class it carries: m1 has x2's class (label y2), m2 has y1.
         # (The original code used the swapped labels.)
         fake = [hinge_d_fake(self.dis(m1, y2)[0]), hinge_d_fake(self.dis(m2, y1)[0])]
