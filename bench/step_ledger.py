@@ -52,7 +52,7 @@ import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import flop_registry  # noqa: E402
 
-from g2g_fast.audit import Tracer, build  # noqa: E402
+from g2g_fast.audit import NO_TRAFFIC, Tracer, build, nbytes, tensors, traffic  # noqa: E402
 
 # Stated peaks (NVIDIA datasheets, SXM parts, dense): bf16 tensor cores, fp32 CUDA cores, HBM.
 MACHINES = {
@@ -61,13 +61,9 @@ MACHINES = {
 }
 BACKENDS = (("reference", "fp32"), ("fast", "bf16"))
 NUM_CLASSES = 119
-# Ops that move no data: metadata queries and aliasing (views are skipped by their schema).
-FACTORIES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
-             "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "scalar_tensor"}
-UNWRITTEN = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# The pads: fusable into a fused norm whose output they read (forward) or whose backward reads theirs.
 PADS = {"reflection_pad2d", "g2g_kernels::reflect_pad_fwd"}
 PAD_BACKWARDS = {"reflection_pad2d_backward", "g2g_kernels::reflect_pad_bwd"}
-NO_TRAFFIC = {"detach", "lift_fresh", "alias", "_record_function_enter_new", "_record_function_exit"}
 
 
 def adain_bytes(kind: str, n_bytes: int, backward: bool, residual: bool) -> int:
@@ -96,14 +92,9 @@ class Ledger:
         if ns not in ("aten", "g2g_kernels") or func.is_view or op in NO_TRAFFIC:
             return
         name = op if ns == "aten" else f"{ns}::{op}"
-        tensors_in = {id(a): a for a in _tensors((args, kwargs))}
-        outs = list(_tensors(out))
-        # Written: the outputs and every argument the schema marks as mutated (in-place and
-        # foreach ops return None or an alias), each once; a factory reads nothing, `empty` writes
-        # nothing either.
-        written_t = {id(t): t for t in outs + _mutated(func, args, kwargs)}
-        read = 0 if op in FACTORIES else sum(_nbytes(t) for t in tensors_in.values())
-        written = 0 if op in UNWRITTEN else sum(_nbytes(t) for t in written_t.values())
+        tensors_in = tensors((args, kwargs))
+        outs = tensors(out)
+        read, written = traffic(func, args, kwargs, out)
         minimum = read + written
         if name in ("g2g_kernels::adain_fwd", "g2g_kernels::adain_bwd"):
             read, written, minimum = self._adain(name, args, read, written)
@@ -125,8 +116,7 @@ class Ledger:
         f = flop_registry.get(func.overloadpacket)
         if f is not None:
             flops = int(f(*args, **kwargs, out_val=out))
-        lowp = any(t.dtype in (torch.bfloat16, torch.float16) for t in list(tensors_in.values()) + outs
-                   if t.is_floating_point())
+        lowp = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors_in + outs if t.is_floating_point())
         r = self.rows[name]
         r["calls"] += 1
         r["flops"] += flops
@@ -148,7 +138,7 @@ class Ledger:
         backward = name.endswith("bwd")
         x = args[1] if backward else args[0]
         residual = (not backward) and args[3] is not None
-        n = _nbytes(x)
+        n = nbytes(x)
         reread = x.element_size() * (2 if backward else 1)
         kind = KI.plan(x, TARGETS["h100"], reread, backward=backward).kind
         self.plans[(name.split("::")[1], kind)] += 1
@@ -167,24 +157,6 @@ class Ledger:
             t["membound_bytes"].update(r["membound"])
             t["membound_minimum"].update(r["membound_min"])
         return t
-
-
-def _mutated(func, args, kwargs) -> list:
-    """The tensors of the arguments `func`'s schema marks as written (`Tensor(a!)`)."""
-    out = []
-    for i, a in enumerate(func._schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            out += list(_tensors(args[i] if i < len(args) else kwargs.get(a.name)))
-    return out
-
-
-def _tensors(tree):
-    from torch.utils._pytree import tree_flatten
-    return (t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def trace(backend: str, precision: str, batch: int, image_size: int, arch: dict | None = None) -> Ledger:

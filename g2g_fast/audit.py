@@ -162,14 +162,41 @@ class Finding:
             (f": {self.detail}" if self.detail else "")
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def tensors(tree) -> list:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+# Compulsory traffic of one op call (`traffic`; the step ledger counts with it too).
+FACTORIES = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like",
+             "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "scalar_tensor"}
+UNWRITTEN = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+NO_TRAFFIC = {"detach", "lift_fresh", "alias", "_record_function_enter_new", "_record_function_exit"}
+
+
+def traffic(func, args, kwargs, out) -> tuple[int, int]:
+    """(bytes read, bytes written): every tensor argument read once, every output and every
+    argument the schema marks as mutated (in-place and foreach ops return None or an alias)
+    written once; views and metadata ops move nothing, a factory reads nothing, `empty` writes
+    nothing either."""
+    op = func.overloadpacket.__name__
+    if func.is_view or op in NO_TRAFFIC:
+        return 0, 0
+    mutated = [t for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write
+               for t in tensors(args[i] if i < len(args) else kwargs.get(a.name))]
+    ins = {id(t): t for t in tensors((args, kwargs))}
+    written = {id(t): t for t in tensors(out) + mutated}
+    read = 0 if op in FACTORIES else sum(nbytes(t) for t in ins.values())
+    return read, 0 if op in UNWRITTEN else sum(nbytes(t) for t in written.values())
+
+
 class Tracer(TorchDispatchMode):
-    """Counts every aten op (calls, bytes of tensor inputs and outputs; 0 for views) and records
-    the audit's findings. `param_shapes`: shapes of the networks' 4-D parameters (not activations).
-    `on_op(func, args, kwargs, out)`: an optional hook (the step ledger counts bytes its own way)."""
+    """Counts every op (calls, `traffic`) and records the audit's findings. `param_shapes`: shapes
+    of the networks' 4-D parameters (not activations). `on_op(func, args, kwargs, out)`: an
+    optional hook (the step ledger's per-call accounting)."""
 
     def __init__(self, param_shapes: Iterable[tuple] = (), channels_last: bool = True,
                  on_op: Optional[Callable] = None, audit: bool = True):
@@ -188,11 +215,10 @@ class Tracer(TorchDispatchMode):
         op = name if ns == "aten" else f"{ns}::{name}"
         st = self.ops[op]
         st.calls += 1
-        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-        if not func.is_view:
-            ins = {id(a): a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
-            st.bytes_read += sum(_nbytes(a) for a in ins.values())
-            st.bytes_written += sum(_nbytes(o) for o in outs)
+        outs = tensors(out)
+        read, written = traffic(func, args, kwargs, out)
+        st.bytes_read += read
+        st.bytes_written += written
         for o in outs:
             if o.dim() == 4:
                 st.layouts[layout(o)] += 1

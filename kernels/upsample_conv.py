@@ -15,8 +15,8 @@ two-column) strip of L. MACs: 4 x 9 = 36 per 2x2 output block instead of 4 x 25 
 decoder's three upsampling convs (~20 of its 25 GF per image) cost 2.8x fewer FLOPs, plus four
 thin strips (1/H + 1/W of the original work) and the pixel-shuffle copy.
 
-Pure PyTorch (conv2d / pixel_shuffle / slicing): forward and every derivative, double backward
-included, come from autograd. Layers:
+PyTorch (conv2d / pixel_shuffle / slicing) and `kernels.reflect_pad` for the strips: forward and
+every derivative, double backward included, come from autograd (the pad registers its own). Layers:
   phase_weights(weight)          5x5 -> (4 * Cout, Cin, 3, 3), phase-major per output channel
   upsample_conv_subpixel(...)    the rewrite
   upsample_conv(..., impl)       the dispatch: "subpixel" or "ref" (g2g_fast.reference.ops)
@@ -58,8 +58,9 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
 
 
 def _plain(strip: torch.Tensor, weight, bias) -> torch.Tensor:
+    import kernels  # the package's functional (its dispatch): aten's CUDA reflect pad writes NCHW
     up = F.interpolate(strip, scale_factor=2, mode="nearest")
-    return F.conv2d(F.pad(up, (2, 2, 2, 2), mode="reflect"), weight, bias)
+    return F.conv2d(kernels.reflect_pad(up, 2), weight, bias)
 
 
 def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ decoder takes its AdaIN parameters as an argument instead of having them assigne
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from .ops import adain_ref, pixel_rows
 from ..torch_files import safe_torch_load
 from .weights import load_checked
+
+log = logging.getLogger("g2g_fast")
 
 
 def _activate(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -281,6 +284,32 @@ def load_official_generator(gen: Generator, path: str | os.PathLike, which: str 
     if not isinstance(ckpt.get(which), dict):
         raise ValueError(f"{label}: has no {which!r} generator (it has {', '.join(map(str, ckpt))})")
     load_checked(gen, ckpt[which], f"{label} [{which}]", "FUNIT generator")
+
+
+def init_generator(gen: Generator, cfg, init: str = "files") -> dict | None:
+    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given, for a new run.
+
+    -> the EMA generator's initial state when the file gives one, else None (the EMA copies G).
+    As the original FUNIT2FUNIT code, training continues from the file's "gen" and its EMA from
+    "gen_test" when it has both (init_funit_key "auto"); "gen" or "gen_test" loads that one into both.
+    """
+    if init != "files":  # `init`: see g2g_fast.reference.steps.INIT_MODES
+        return None  # the checkpoint's G replaces any initial weights
+    if not cfg.init_funit:
+        log.info("G and D initialised fresh")
+        return None
+    ckpt = read_official_file(cfg.init_funit, "--init-funit")
+    both = all(isinstance(ckpt.get(k), dict) for k in ("gen", "gen_test"))
+    key = cfg.init_funit_key
+    if key == "auto":
+        key = "gen" if both else next(k for k in ("gen", "gen_test") if isinstance(ckpt.get(k), dict))
+    load_official_generator(gen, cfg.init_funit, key, flag="--init-funit", ckpt=ckpt)
+    ema = ckpt["gen_test"] if both and cfg.init_funit_key == "auto" and cfg.ema_beta > 0 else None
+    log.info("G initialised from %s [%s]%s; the discriminator is fresh (no FUNIT discriminator weights "
+             "were released)", cfg.init_funit, key,
+             ", its EMA from [gen_test]" if ema is not None else
+             " (its EMA starts as a copy)" if cfg.ema_beta > 0 else "")
+    return ema
 
 
 class ActFirstResBlock(nn.Module):

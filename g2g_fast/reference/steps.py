@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..config import BaseConfig, CycleFunitConfig, Funit2FunitConfig, NaiveConfig
 from .backend import ReferenceBackend, ema_update  # noqa: F401  (re-exported: callers import them from here)
-from .funit import Generator, load_official_generator, read_official_file
+from .funit import init_generator
 from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs
 from .identity import IdentityEncoder
 from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hinge_g, l1, lsgan, r1_penalty
@@ -45,32 +45,6 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) ->
 #   "inference"  a checkpoint follows and no loss is computed (translate, evaluate): no file is read,
 #                so a checkpoint works on a machine without the pretrained files it was trained with
 INIT_MODES = ("files", "resume", "inference")
-
-
-def init_generator(gen: Generator, cfg, init: str = "files") -> dict | None:
-    """Load `cfg.init_funit` (an official FUNIT generator file) into `gen` when given, for a new run.
-
-    -> the EMA generator's initial state when the file gives one, else None (the EMA copies G).
-    As the original FUNIT2FUNIT code, training continues from the file's "gen" and its EMA from
-    "gen_test" when it has both (init_funit_key "auto"); "gen" or "gen_test" loads that one into both.
-    """
-    if init != "files":
-        return None  # the checkpoint's G replaces any initial weights
-    if not cfg.init_funit:
-        log.info("G and D initialised fresh")
-        return None
-    ckpt = read_official_file(cfg.init_funit, "--init-funit")
-    both = all(isinstance(ckpt.get(k), dict) for k in ("gen", "gen_test"))
-    key = cfg.init_funit_key
-    if key == "auto":
-        key = "gen" if both else next(k for k in ("gen", "gen_test") if isinstance(ckpt.get(k), dict))
-    load_official_generator(gen, cfg.init_funit, key, flag="--init-funit", ckpt=ckpt)
-    ema = ckpt["gen_test"] if both and cfg.init_funit_key == "auto" and cfg.ema_beta > 0 else None
-    log.info("G initialised from %s [%s]%s; the discriminator is fresh (no FUNIT discriminator weights "
-             "were released)", cfg.init_funit, key,
-             ", its EMA from [gen_test]" if ema is not None else
-             " (its EMA starts as a copy)" if cfg.ema_beta > 0 else "")
-    return ema
 
 
 class Approach:
