@@ -297,7 +297,7 @@ def _adopt(s: dict, name: str) -> str:
     sound = s.get(f"{name}_losses_finite", False) and s.get(f"{name}_ok", True)
     note = "" if sound else " (losses not finite or replay != eager)"
     if name == "subpixel":  # python -m g2g_fast.audit with FastBackend(subpixel=True) fails
-        note += (" (its decoder still calls pixel_shuffle and replication/reflection_pad2d, NCHW on CUDA "
+        note += (" (its decoder still calls pixel_shuffle and replication_pad2d, NCHW on CUDA "
                  "(g2g_fast/audit.py KNOWN_BAD): move them to channels_last kernels before adopting)")
     return verdict(ratio > 1 and sound) + note
 
