@@ -21,11 +21,14 @@ setup(
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark>=4"],
+        # scipy in dev so the tests cover the ablation's p-values (the stats extra)
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.8"],
         # NVIDIA DALI GPU loader (optional). NVIDIA's fused-optimiser library is never declared: the PyPI
         # package of that name is an unrelated web toolkit (it is imported only if built from source).
         "dali": ['nvidia-dali-cuda130; platform_system == "Linux"'],
         # Learning-curve PNGs (`python -m g2g_fast.plot`, the ablation's curves.png); optional.
         "plot": ["matplotlib>=3.7"],
+        # Welch t-test p-values in the ablation report (Student's t distribution); optional.
+        "stats": ["scipy>=1.8"],
     },
 )

@@ -42,15 +42,16 @@ def skip_reason(name: str) -> str | None:
     return None
 
 
-def open_loader(name: str, root: Path, image_size: int, batch: int, device, workers: int):
+def open_loader(name: str, root: Path, image_size: int, batch: int, device, workers: int, shots: int = 0):
     """(dataset, stream, setup seconds, first batch on the CPU): the setup includes the file check
     and, for gpu-cache, decoding every image once. Every loader's first batch (seed 0, step 0) is
     the same images with the same flips and crops, so comparing them checks the loader on this
-    device (`parity`)."""
+    device (`parity`). `shots` K > 0: each batch also brings K other images per sample (K-shot class
+    codes in training, `class_shots`)."""
     t = time.perf_counter()
     ds = FolderDataset(root, image_size=image_size)
-    stream = build_stream(name, ds, batch, seed=0, device=device, workers=workers)
-    x, y = next(stream)  # DALI builds and prefetches, the torch workers start, on the first batch
+    stream = build_stream(name, ds, batch, seed=0, device=device, workers=workers, shots=shots)
+    x, y, *_ = next(stream)  # DALI builds and prefetches, the torch workers start, on the first batch
     sync(device)
     return ds, stream, time.perf_counter() - t, (x.cpu(), y.cpu())
 
@@ -64,13 +65,15 @@ def parity(batch, ref) -> dict:
 
 
 def loader_img_per_s(stream, batches: int, device) -> float:
-    """Images per second of `batches` batches, each moved to `device` (already there for the GPU
-    loaders) and waited for."""
+    """Training images (the batch's B, not its K-shot images) per second of `batches` batches, each
+    moved to `device` (already there for the GPU loaders) and waited for."""
     t = time.perf_counter()
     n = 0
     for _ in range(batches):
-        x, _ = next(stream)
+        x, _, *shots = next(stream)
         x = x.to(device, non_blocking=True)
+        if shots:
+            shots[0].to(device, non_blocking=True)
         n += x.shape[0]
     sync(device)
     return n / (time.perf_counter() - t)

@@ -18,9 +18,11 @@ The three losses G2G adds to FUNIT's are switched off (weight 0) in turn, plus a
 per value of a setting (`--set KEY=V`, FUNIT2FUNIT unless `--approach`). Every variant trains with
 the same data, seed(s) and steps (the trainer, into OUT/<variant>/, or OUT/<variant>/seed_<s>/ with
 `--seeds N`, the seeds --seed, --seed + 1, ...); then the EMA generator of each last checkpoint is
-evaluated by `g2g_fast.evaluate` on the same held-out pairs with the same probes. Prints a markdown
-table (with seeds: mean ± sample standard deviation per metric) and the comparison with the first
-variant (all_on) against the seed-to-seed spread, and writes OUT/ablation.md, OUT/ablation.json,
+evaluated by `g2g_fast.evaluate` on the same held-out pairs with the same probes (data seed
+--data-seed, default 0, whatever seed a run trained with, as `python -m g2g_fast.evaluate`). Prints a
+markdown table (with seeds: mean ± sample standard deviation per metric) and the comparison with the
+first variant (all_on) against the seed-to-seed spread and by Welch's t-test (p-values with scipy,
+`pip install -e ".[stats]"`), and writes OUT/ablation.md, OUT/ablation.json,
 OUT/curves.png (the --eval-every curves, one per variant: mean over seeds, min-max band; needs
 matplotlib), OUT/samples/<variant>.png (each variant's final sample grid, first seed) and
 OUT/samples.png (all variants, first pairs). A run whose last checkpoint already has the steps is
@@ -41,6 +43,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import ablate_figures as F
 from . import ablate_report as R
 from . import cpu_threads
 from . import evaluate as E
@@ -62,13 +65,8 @@ APPROACHES = ("funit2funit", "cyclefunit", "naive")
 RESERVED = ("--approach", "--out", "--steps", "--seed", "--data", "--device", "--resume", "--overwrite",
             "--dry-run")
 # Trainer settings that define the data; a checkpoint trained with others is not this ablation's.
-DATA_KEYS = ("data", "data_format", "synthetic_classes", "synthetic_per_class", "resize_to")
+DATA_KEYS = ("data", "data_format", "synthetic_classes", "synthetic_per_class", "synthetic_family", "resize_to")
 LOSS_KEYS = ("g_total", "g_adv", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total")
-# Loss panels of curves.png, where the runs have them
-CURVE_LOSSES = {"losses": ["g_total", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total"],
-                "approaches": ["g_total", "g_long", "d_total"],
-                "sweep": ["g_total", "g_long", "g_fm_long", "g_fm_mix_rec", "d_total"]}
-GRID_PAIRS = 4  # pairs per variant in the combined samples.png
 
 
 @dataclass
@@ -86,22 +84,29 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--out", default="runs/ablation", help="output folder (default: runs/ablation)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder (default: synthetic)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of every variant's training (with --seeds: the first) and of the evaluation (default: 0)")
+                   help="seed of every variant's training (with --seeds: the first; default: 0)")
     p.add_argument("--seeds", type=int, metavar="N",
                    help="train every variant with N seeds (--seed, --seed + 1, ...) into OUT/<variant>/seed_<s>/ and "
                         "report mean and spread over them (default: one seed, into OUT/<variant>/)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--approaches", action="store_true",
                       help=f"compare the approaches ({', '.join(APPROACHES)}) instead of the loss ablation")
-    mode.add_argument("--sweep", metavar="KEY=V1,V2,...",
+    mode.add_argument("--sweep", metavar="KEY=V1,V2,...", action="append",
                       help="one variant per value of a setting (--set KEY=V), e.g. content_dim=0,16,4; the "
-                           "first value is the baseline of the comparison")
+                           "first value is the baseline of the comparison. Repeatable: each adds its variants; "
+                           "KEY=V+KEY2=W is one variant with both settings (e.g. --sweep class_shots=0,4 --sweep "
+                           "class_shots=4+class_encoder=coco)")
     p.add_argument("--approach", choices=APPROACHES,
                    help="approach of a --sweep (default: funit2funit; the loss ablation is FUNIT2FUNIT's)")
     p.add_argument("--variants", help=f"comma-separated subset of the variants (loss ablation: {', '.join(VARIANTS)}; "
                                       f"default: all)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device (default: auto)")
     p.add_argument("--samples", type=int, default=256, help="held-out pairs evaluated per variant (default: 256)")
+    p.add_argument("--data-seed", type=int, default=E.EVAL_DATA_SEED,
+                   help=f"seed of the held-out data and the probes' training images, the same for every run whatever "
+                        f"its seed (default: {E.EVAL_DATA_SEED}, as python -m g2g_fast.evaluate)")
+    p.add_argument("--eval-seed", type=int, default=E.EVAL_SEED,
+                   help=f"seed of the held-out pairs and the probes (default: {E.EVAL_SEED}, as evaluate's --seed)")
     p.add_argument("--probe-train", type=int, default=2048, help="training images for the probes (default: 2048)")
     p.add_argument("--probe-steps", type=int, default=P.PROBE_STEPS,
                    help=f"training steps of each image probe (default: {P.PROBE_STEPS})")
@@ -127,13 +132,12 @@ def build_variants(args) -> dict[str, Variant]:
             raise UsageError("--approach with --approaches: --approaches runs every approach")
         variants = {a: Variant(a, a) for a in APPROACHES}
     else:
-        key, _, values = args.sweep.partition("=")
-        key, values = key.strip(), [v.strip() for v in values.split(",")]
-        if not key or not all(values) or len(set(values)) != len(values):
-            raise UsageError(f"--sweep {args.sweep}: expected KEY=V1,V2,... with distinct values, e.g. "
-                             f"content_dim=0,16,4")
-        variants = {f"{key}_{v}": Variant(f"{key}_{v}", args.approach or "funit2funit", [f"{key}={v}"])
-                    for v in values}
+        variants = {}
+        for sweep in args.sweep:
+            for name, sets in sweep_variants(sweep):
+                if name in variants:
+                    raise UsageError(f"--sweep {sweep}: variant {name} is already swept")
+                variants[name] = Variant(name, args.approach or "funit2funit", sets)
     if args.variants is None:
         return variants
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -142,6 +146,23 @@ def build_variants(args) -> dict[str, Variant]:
         raise UsageError(f"--variants {args.variants}: unknown {', '.join(unknown) or 'empty list'}; "
                          f"choose from {', '.join(variants)}")
     return {v: variants[v] for v in names}
+
+
+def sweep_variants(sweep: str) -> list[tuple[str, list[str]]]:
+    """`--sweep` KEY=V1,V2,... -> one (name KEY_V, [KEY=V]) per value; KEY=V+KEY2=W -> one variant
+    with both settings, named KEY_V+KEY2_W."""
+    example = "e.g. content_dim=0,16,4 or class_shots=4+class_encoder=coco"
+    if "+" in sweep:
+        pairs = [part.partition("=") for part in sweep.split("+")]
+        if not all(k.strip() and eq and v.strip() and "," not in v for k, eq, v in pairs):
+            raise UsageError(f"--sweep {sweep}: expected KEY=V+KEY2=W (one value each), {example}")
+        name = "+".join(f"{k.strip()}_{v.strip()}" for k, _, v in pairs)
+        return [(name, [f"{k.strip()}={v.strip()}" for k, _, v in pairs])]
+    key, _, values = sweep.partition("=")
+    key, values = key.strip(), [v.strip() for v in values.split(",")]
+    if not key or not all(values) or len(set(values)) != len(values):
+        raise UsageError(f"--sweep {sweep}: expected KEY=V1,V2,... with distinct values, {example}")
+    return [(f"{key}_{v}", [f"{key}={v}"]) for v in values]
 
 
 def seeds_of(args) -> list[int]:
@@ -192,7 +213,11 @@ def checkpoint_state(path: Path, cfg, opts, variant: str) -> int:
         return 0
     ckpt = load_checkpoint(path)
     trainer = ckpt.get("trainer") or {}
-    if ckpt.get("config") != config_to_dict(cfg) or any(trainer.get(k) != getattr(opts, k) for k in DATA_KEYS):
+    # A key the checkpoint lacks was saved before that setting existed: the run had its default.
+    config, defaults = ckpt.get("config") or {}, config_to_dict(type(cfg)())
+    data_defaults = vars(type(opts)())
+    if (set(config) - set(defaults) or any(config.get(k, defaults[k]) != v for k, v in config_to_dict(cfg).items())
+            or any(trainer.get(k, data_defaults[k]) != getattr(opts, k) for k in DATA_KEYS)):
         raise UsageError(f"{path}: variant {variant} was trained with other settings; use another --out "
                          f"or delete {path.parent.parent}")
     if int(ckpt["step"]) > opts.steps:
@@ -209,33 +234,6 @@ def final_losses(metrics_file: Path) -> dict:
     lines = [r for r in lines if "g_total" in r]
     tail = lines[-max(1, len(lines) // 10):]
     return {k: sum(r[k] for r in tail) / len(tail) for k in LOSS_KEYS if tail and all(k in r for r in tail)}
-
-
-def combined_grid(grids: dict[str, Path], image_size: int, out: Path) -> None:
-    """The first GRID_PAIRS pair blocks of each variant's grid, one labelled row per variant; a
-    256-colour preview (the lossless grids are in OUT/samples/), small enough to commit."""
-    from PIL import Image, ImageDraw
-
-    from .samples import GAP, SEPARATOR
-    width = GRID_PAIRS * (2 * image_size + GAP) + (GRID_PAIRS - 1) * SEPARATOR
-    label_h = 14
-    rows = []
-    for name, path in grids.items():
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            crop = im.crop((0, 0, min(width, im.width), im.height))
-        row = Image.new("RGB", (width, crop.height + label_h), "white")
-        row.paste(crop, (0, label_h))
-        ImageDraw.Draw(row).text((2, 1), name, fill="black")  # PIL's built-in bitmap font
-        rows.append(row)
-    sheet = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
-    top = 0
-    for r in rows:
-        sheet.paste(r, (0, top))
-        top += r.height
-    tmp = out.with_name(f".{out.name}.tmp")
-    sheet.quantize(colors=256, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
 
 
 # ---- the three phases: plan (checks everything), train, evaluate --------------------------------
@@ -286,9 +284,10 @@ def train_variants(plans: dict, log) -> dict | int:
 
 
 def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
-    """Evaluate every trained run on the same held-out pairs with the same probes (those of the
-    base seed's data, whatever seed a run trained with); copy the sample grids -> the report (see
-    ablation.json)."""
+    """Evaluate every trained run on the same held-out pairs with the same probes (of --data-seed's
+    data and --eval-seed, whatever seed a run trained with: evaluate's defaults, so `python -m
+    g2g_fast.evaluate --checkpoint` gives a row's numbers); copy the sample grids -> the report
+    (see ablation.json)."""
     from .translate import load_generator
     first = next(iter(plans.values()))
     opts = first.opts
@@ -299,18 +298,20 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
     def data_for(size):
         if size not in prepared:
             train_set, held, num_classes, identity, where = E.prepare_data(
-                opts.data, data_format=opts.data_format, image_size=size, seed=args.seed,
+                opts.data, data_format=opts.data_format, image_size=size, seed=args.data_seed,
                 synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
-                resize_to=opts.resize_to, samples=args.samples, probe_train=args.probe_train)
+                synthetic_family=opts.synthetic_family, resize_to=opts.resize_to, samples=args.samples,
+                probe_train=args.probe_train)
             cache = None if args.no_probe_cache else (args.probe_cache or P.default_cache_dir())
-            probes = M.build_probes(train_set, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
+            probes = M.build_probes(train_set, identity, cache, seed=args.eval_seed, log=log, steps=args.probe_steps)
             prepared[size] = (train_set, held, num_classes, probes, where)
         return prepared[size]
 
     data_for(first.cfg.image_size)
     steps = {plan.opts.steps for plan in plans.values()}  # one number, unless a sweep of steps
+    # seed: the (first) training seed; data_seed, eval_seed: the evaluation's, the same for every run
     report = {"mode": mode_of(args), "steps": steps.pop() if len(steps) == 1 else None, "seed": args.seed,
-              "data": opts.data,
+              "data_seed": args.data_seed, "eval_seed": args.eval_seed, "data": opts.data,
               "image_size": first.cfg.image_size, "heldout": prepared[first.cfg.image_size][4],
               "samples": args.samples,
               "device": device.type + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
@@ -321,13 +322,14 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
     grids = {}
     for (v, seed), plan in plans.items():
         st, train_s = status[v, seed]
-        run = {"seed": seed, "dir": str(plan.opts.out), "status": st, "train_s": train_s, "metrics": None,
+        run = {"seed": seed, "data_seed": args.data_seed, "eval_seed": args.eval_seed, "dir": str(plan.opts.out),
+               "status": st, "train_s": train_s, "metrics": None,
                "final_losses": final_losses(Path(plan.opts.out) / "metrics.jsonl")}
         if st == "ok":
             train_set, held, num_classes, probes, _ = data_for(plan.cfg.image_size)
             gen, _ = load_generator(SimpleNamespace(funit=None, checkpoint=str(plan.ckpt), raw=False, image_size=None))
             run["metrics"] = M.evaluate_model(gen.to(device), train_set, held, probes, num_classes,
-                                              samples=args.samples, seed=args.seed, device=device)
+                                              samples=args.samples, seed=args.eval_seed, device=device)
             (Path(plan.opts.out) / "eval.json").write_text(json.dumps(run["metrics"], indent=2))
             grid = Path(plan.opts.out) / "samples" / f"step_{plan.opts.steps:07d}.png"
             if grid.is_file() and v not in grids:  # the first seed's grid
@@ -352,34 +354,9 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
         entry["train_s"] = sum(times) / len(times) if times else None  # per run
     if grids:
         size = first.cfg.image_size
-        combined_grid({v: p for v, p in grids.items() if plans[v, seeds_of(args)[0]].cfg.image_size == size},
+        F.combined_grid({v: p for v, p in grids.items() if plans[v, seeds_of(args)[0]].cfg.image_size == size},
                       size, out / "samples.png")
     return report
-
-
-def write_curves(args, plans: dict, out: Path, log) -> str | None:
-    """OUT/curves.png: the --eval-every curves of every run, one curve per variant (mean over its
-    seeds, min-max band) -> its name, or None (logged why) without matplotlib or evaluation rows."""
-    from . import plot
-    runs, labels = [], []
-    for (v, _), plan in plans.items():
-        try:
-            runs.append(plot.read_run(plan.opts.out))
-            labels.append(v)
-        except plot.PlotError:  # no --eval-every rows (or no metrics): not drawn
-            pass
-    if not runs:
-        log("no curves.png: the runs have no evaluation rows (pass -- --eval-every N, or --preset demo)")
-        return None
-    have = plot.loss_keys(runs)
-    try:
-        plot.plot_runs([r.path for r in runs], out / "curves.png", labels,
-                       [k for k in CURVE_LOSSES[mode_of(args)] if k in have],
-                       title=f"python -m g2g_fast.ablate ({mode_of(args)}): held-out evaluation during training")
-    except plot.PlotError as e:  # matplotlib missing: everything else is written
-        log(f"no curves.png: {e}")
-        return None
-    return "curves.png"
 
 
 def main(argv=None) -> int:
@@ -414,7 +391,7 @@ def main(argv=None) -> int:
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report["figure"] = write_curves(args, plans, out, log)
+    report["figure"] = F.write_curves(mode_of(args), plans, out, log)
     report["comparison"] = R.comparison(report, report["mode"])
     report["answer"] = R.answer(report, report["mode"], ABLATED, {v: e["off"] for v, e in report["variants"].items()})
     report["targets"] = R.targets(report)

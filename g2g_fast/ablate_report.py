@@ -1,17 +1,19 @@
 """The report of `python -m g2g_fast.ablate`: per-variant statistics over seeds, the comparison
-with the baseline variant against the seed-to-seed spread (the plain-words answer), the issue-15
-demo targets, and the markdown table.
+with the baseline variant against the seed-to-seed spread (the plain-words answer) and by Welch's
+t-test, the issue-15 demo targets, and the markdown table.
 
 Spread: the sample standard deviation over a variant's seeds (n - 1 in the denominator); the JSON
 also has min and max. A difference between two variants counts as larger than the seed-to-seed
 spread when |mean_a - mean_b| exceeds the larger of the two standard deviations. With one seed
-there is no spread, and the answer says so.
+there is no spread, and the answer says so. The spread rule is a screen; the p-values (g2g_fast/
+welch.py: Welch's t-test of each variant against the baseline, two-sided, with scipy) are the test.
 """
 from __future__ import annotations
 
 import math
 
 from . import metrics as M
+from . import welch as W
 
 COLUMNS = [("short L1", "recon_short_l1"), ("long L1", "recon_long_l1"), ("long PSNR", "recon_long_psnr"),
            ("swap acc", "swap_acc"), ("kept acc", "swap_kept_acc"), ("content err", "content_error"),
@@ -26,6 +28,13 @@ ANSWER_METRICS = [("swap acc", "swap_acc"), ("content err", "content_error"),
 TARGETS = [("swap_acc", ">=", 0.85), ("swap_kept_acc", "<=", 0.05), ("content_error", "<=", 0.4),
            ("leak_class_from_content_acc", "<=", 0.3)]
 TARGET_TRAIN_S = 600.0
+# Welch's t-test of every variant against the baseline: these, and each factor of FACTOR_KEYS
+P_METRICS = [("swap acc", "swap_acc"), ("kept acc", "swap_kept_acc"), ("content err", "content_error"),
+             ("leak class<-content", "leak_class_from_content_acc"),
+             ("leak factors<-class R2", "leak_factors_from_class_r2"), ("long PSNR", "recon_long_psnr")]
+# Per-factor metrics ({factor: value}); their statistics are flat, "content_factor_error.cx". The
+# factors are whatever the runs' metrics hold (the synthetic family decides), never a fixed list.
+FACTOR_KEYS = ("content_factor_error", "content_factor_error_to_class")
 
 
 def summarize(values: list) -> dict | None:
@@ -34,6 +43,8 @@ def summarize(values: list) -> dict | None:
     if not xs:
         return None
     n = len(xs)
+    if min(xs) == max(xs):  # exact: a float mean of equal values can be a rounding step off (std ~1e-17)
+        return {"mean": xs[0], "std": 0.0 if n > 1 else None, "min": xs[0], "max": xs[0], "n": n}
     mean = sum(xs) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
     return {"mean": mean, "std": std, "min": min(xs), "max": max(xs), "n": n}
@@ -41,11 +52,12 @@ def summarize(values: list) -> dict | None:
 
 def mean_of(dicts: list[dict]) -> dict:
     """The per-key mean of flat metric dicts; nested dicts (per-factor values) key by key; a key
-    whose values are all None stays None. One dict gives itself back exactly."""
+    whose values are all None stays None; keys are the union, in order of first appearance. One
+    dict gives itself back exactly."""
     if len(dicts) == 1:
         return dict(dicts[0])
     out = {}
-    for k in dicts[0] if dicts else []:
+    for k in dict.fromkeys(k for d in dicts for k in d):
         vals = [d.get(k) for d in dicts]
         if all(isinstance(v, dict) for v in vals):
             out[k] = mean_of(vals)
@@ -55,21 +67,30 @@ def mean_of(dicts: list[dict]) -> dict:
     return out
 
 
+def factors_of(metrics: list[dict], key: str) -> list[str]:
+    """The factors of the per-factor metric `key` in any of `metrics`, in order of first appearance."""
+    return list(dict.fromkeys(f for m in metrics if isinstance(m.get(key), dict) for f in m[key]))
+
+
 def variant_stats(runs: dict) -> tuple[dict, dict, dict]:
     """{seed: run entry} -> (mean metrics, {metric: summary}, mean final losses) over the finished
-    runs."""
+    runs. The summaries include each factor of FACTOR_KEYS as "<key>.<factor>"."""
     ok = [r for r in runs.values() if r["status"] == "ok" and r.get("metrics")]
     metrics = mean_of([r["metrics"] for r in ok]) if ok else None
     stats = {k: summarize([r["metrics"].get(k) for r in ok]) for k in M.METRIC_KEYS
              if ok and not isinstance(ok[0]["metrics"].get(k), dict)}
+    for key in FACTOR_KEYS:
+        for f in factors_of([r["metrics"] for r in ok], key):
+            stats[f"{key}.{f}"] = summarize([(r["metrics"].get(key) or {}).get(f) for r in ok])
     losses = mean_of([r["final_losses"] for r in runs.values() if r.get("final_losses")]) \
         if any(r.get("final_losses") for r in runs.values()) else {}
     return metrics, stats, losses
 
 
-def compare(report: dict, baseline: str, others: list[str]) -> list[dict]:
+def compare(report: dict, baseline: str, others: list[str], sf=None) -> list[dict]:
     """Each of `others` against `baseline` on ANSWER_METRICS -> rows {variant, metric, delta
-    (other - baseline), spread, exceeds}; spread/exceeds are None without 2 seeds on both sides."""
+    (other - baseline), spread, exceeds, p}; spread/exceeds/p are None without 2 seeds on both
+    sides, p also without scipy (`sf`, see welch.welch)."""
     rows = []
     base = report["variants"][baseline].get("stats") or {}
     for v in others:
@@ -79,9 +100,24 @@ def compare(report: dict, baseline: str, others: list[str]) -> list[dict]:
             if a is None or b is None:
                 continue
             spread = max(a["std"], b["std"]) if a["std"] is not None and b["std"] is not None else None
-            delta = b["mean"] - a["mean"]
+            delta, test = b["mean"] - a["mean"], W.welch(a, b, sf)
             rows.append({"variant": v, "metric": key, "delta": delta, "spread": spread,
-                         "exceeds": None if spread is None else abs(delta) > spread})
+                         "exceeds": None if spread is None else abs(delta) > spread,
+                         "p": test["p"], "note": test["note"]})
+    return rows
+
+
+def welch_tests(report: dict, baseline: str, others: list[str], sf=None) -> list[dict]:
+    """Welch's t-test of each of `others` against `baseline` on P_METRICS and every per-factor
+    error -> rows {variant, metric, delta, t, df, p, note} (welch.welch), for the metrics both
+    variants have."""
+    base = report["variants"][baseline].get("stats") or {}
+    rows = []
+    for v in others:
+        st = report["variants"][v].get("stats") or {}
+        keys = [k for _, k in P_METRICS] + [k for k in dict.fromkeys([*base, *st]) if k.split(".")[0] in FACTOR_KEYS]
+        rows += [{"variant": v, "metric": k, **W.welch(base[k], st[k], sf)} for k in keys
+                 if base.get(k) is not None and st.get(k) is not None]
     return rows
 
 
@@ -90,21 +126,30 @@ def _effects(rows: list[dict], variant: str) -> str:
     parts = []
     for r in (r for r in rows if r["variant"] == variant):
         verdict = "under 2 seeds: no spread" if r["spread"] is None else \
-            f"spread {r['spread']:.3f}: {'**exceeds**' if r['exceeds'] else 'within'}"
+            f"spread {r['spread']:.3f}: {'**exceeds**' if r['exceeds'] else 'within'}" + \
+            (f", p {W.fmt_p(r)}" if r.get("p") is not None else "")
         parts.append(f"{names[r['metric']]} {r['delta']:+.3f} ({verdict})")
     return "; ".join(parts) or "no metrics"
 
 
 def comparison(report: dict, mode: str) -> dict | None:
     """The baseline (the loss ablation: all_on; otherwise the first variant) against every other
-    variant -> {baseline, rows (see `compare`), rule}, or None with fewer than two variants."""
+    variant -> {baseline, rows (see `compare`), rule, tests (see `welch_tests`), test, p_values},
+    or None with fewer than two variants. p_values: False when scipy is missing (t and df are
+    still there) or no variant pair has 2 seeds on both sides."""
     names = list(report["variants"])
     base = "all_on" if mode == "losses" else names[0]
     others = [v for v in names if v != base]
     if base not in names or not others:
         return None
-    return {"baseline": base, "rows": compare(report, base, others),
-            "rule": "|mean difference| > the larger of the two variants' sample standard deviations over seeds"}
+    sf = W.t_sf()
+    tests = welch_tests(report, base, others, sf)
+    return {"baseline": base, "rows": compare(report, base, others, sf),
+            "rule": "|mean difference| > the larger of the two variants' sample standard deviations over seeds",
+            "tests": tests, "p_values": sf is not None and any(t["p"] is not None for t in tests),
+            "test": "Welch's t-test (unequal variances) of each variant's mean over seeds against the baseline's, "
+                    "two-sided; t and Welch-Satterthwaite df computed by g2g_fast.welch, p from scipy.stats.t.sf"
+                    + ("" if sf else f" (scipy is not installed, so no p: {W.INSTALL})")}
 
 
 def answer(report: dict, mode: str, ablated: dict, variants_off: dict) -> list[str]:
@@ -167,22 +212,63 @@ def _cell(stat: dict | None, value) -> str:
     return f"{M.fmt_value(stat['mean'])} ± {M.fmt_value(stat['std'])}"
 
 
+def _factor_cell(entry: dict, key: str, factor: str) -> str:
+    value = ((entry.get("metrics") or {}).get(key) or {}).get(factor)
+    if value is None:
+        return "-"
+    s = (entry.get("stats") or {}).get(f"{key}.{factor}")
+    return f"{value:.2f} ± {s['std']:.2f}" if s is not None and s["std"] is not None else f"{value:.2f}"
+
+
 def factor_table(report: dict) -> list[str]:
     """Which image each content factor of the mixes follows: per variant and factor, the error
-    against the content image / against the class image (std units, mean over seeds); markdown
-    lines, none without synthetic factors."""
-    rows = {v: (e.get("metrics") or {}) for v, e in report["variants"].items()}
-    rows = {v: m for v, m in rows.items()
-            if isinstance(m.get("content_factor_error"), dict) and isinstance(m.get("content_factor_error_to_class"), dict)}
+    against the content image / against the class image (std units, mean ± std over seeds);
+    markdown lines, none without synthetic factors. The factors are the union of the variants'
+    (a variant without one, e.g. of another synthetic family, shows '-')."""
+    rows = {v: e for v, e in report["variants"].items()
+            if any(isinstance((e.get("metrics") or {}).get(k), dict) for k in FACTOR_KEYS)}
     if not rows:
         return []
-    factors = list(next(iter(rows.values()))["content_factor_error"])
-    lines = ["", "Content error per factor (std units, mean over the seeds): the mixes against the content image "
-                 "/ against the class image. Small on the left is right; a factor small on the right rides on "
-                 "the class code.", "", "| variant | " + " | ".join(factors) + " |", "|---|" + "---|" * len(factors)]
-    for v, m in rows.items():
-        own, other = m["content_factor_error"], m["content_factor_error_to_class"]
-        lines.append(f"| {v} | " + " | ".join(f"{own[f]:.2f} / {other[f]:.2f}" for f in factors) + " |")
+    factors = list(dict.fromkeys(f for k in FACTOR_KEYS for f in factors_of([e["metrics"] for e in rows.values()], k)))
+    lines = ["", "Content error per factor (std units; mean ± sample std over the seeds): the mixes against the "
+                 "content image / against the class image. Small on the left is right; a factor small on the right "
+                 "rides on the class code.", "", "| variant | " + " | ".join(factors) + " |",
+             "|---|" + "---|" * len(factors)]
+    for v, e in rows.items():
+        cells = [" / ".join(_factor_cell(e, k, f) for k in FACTOR_KEYS) for f in factors]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def p_tables(report: dict) -> list[str]:
+    """Welch's t-test of each variant against the baseline (comparison["tests"]): the headline
+    metrics' differences with p, and p per factor; markdown lines. Without 2 seeds on both sides
+    nothing; without scipy the one line that says how to get p."""
+    cmp = report.get("comparison") or {}
+    tests = [t for t in cmp.get("tests") or [] if t["t"] is not None or t["note"] == W.EXACT]  # >= 2 seeds each
+    if not tests:
+        return []
+    if not cmp.get("p_values"):
+        return ["", W.HINT]
+    base, by = cmp["baseline"], {(t["variant"], t["metric"]): t for t in tests}
+    variants = list(dict.fromkeys(t["variant"] for t in tests))
+    head = [c for c, k in P_METRICS if any((v, k) in by for v in variants)]
+    keys = [k for c, k in P_METRICS if c in head]
+    lines = ["", f"Welch's t-test of each variant against {base} (two-sided, over the seeds, unequal variances): "
+                 f"difference of means (p). With {len(report.get('seeds') or [])} seeds per variant only large "
+                 f"effects reach a small p, and a large p is no evidence of no effect.", "",
+             "| variant | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(f"{by[v, k]['delta']:+.3f} (p {W.fmt_p(by[v, k])})" if (v, k) in by
+                                              else "-" for k in keys) + " |")
+    factors = list(dict.fromkeys(t["metric"].split(".", 1)[1] for t in tests if "." in t["metric"]))
+    if factors:
+        def cell(v, f):
+            return " / ".join(W.fmt_p(by[v, f"{k}.{f}"]) if (v, f"{k}.{f}") in by else "-" for k in FACTOR_KEYS)
+        lines += ["", f"p per factor (the same test against {base}): content error against the content image / "
+                      f"against the class image.", "", "| variant | " + " | ".join(factors) + " |",
+                  "|---|" + "---|" * len(factors)]
+        lines += [f"| {v} | " + " | ".join(cell(v, f) for f in factors) + " |" for v in variants]
     return lines
 
 
@@ -215,7 +301,14 @@ def format_report(report: dict) -> str:
               + (", averaged over the seeds" if multi else "") + ". train s: wall time of the "
               + ("variant's training, the first one's includes one-time start-up." if not multi else
                  "training per run (mean over the seeds); the first run's includes one-time start-up.")]
+    if report.get("data_seed") is not None:
+        lines += ["", f"Held-out data: data seed {report['data_seed']} for every run, whatever seed it trained with "
+                      f"(the same images, pairs and probes for every row); pairs and probes seed "
+                      f"{report.get('eval_seed')}. `python -m g2g_fast.evaluate --checkpoint "
+                      f"<run>/checkpoints/last.pt` with the same evaluation flags (the defaults are the same) gives "
+                      f"a run's numbers."]
     lines += factor_table(report)
+    lines += p_tables(report)
     if report.get("answer"):
         lines += [""] + report["answer"]
     if report.get("targets"):

@@ -28,6 +28,7 @@ from .config import config_from_dict
 from .data.transforms import IMAGE_EXTENSIONS, is_image_file
 from .options import pick_device
 from .reference.funit import Generator, load_official_generator
+from .reference.g2g import mean_class_code
 from .reference.steps import build_approach
 from .samples import image_to_tensor, load_image, to_uint8
 from .torch_files import safe_torch_load
@@ -185,20 +186,16 @@ class Translator:
     @torch.no_grad()
     def encode_classes(self, classes: list) -> torch.Tensor:
         """One code per class: `classes[j]` gives class j's images (one or more: K-shot), and its
-        code is the mean of their class codes -> (C, D). Batched across classes."""
+        code is the mean of their class codes (`mean_class_code`, as training with class_shots
+        forms it) -> (C, D). Batched across classes."""
         groups = [self.items(c) for c in classes]
         if not groups or any(not g for g in groups):
             raise ValueError("every class needs at least one image")
-        owner = torch.tensor([j for j, g in enumerate(groups) for _ in g], device=self.device)
-        sums, start = None, 0
-        for x in self.batches([item for g in groups for item in g]):
-            codes = self.generator.encode_class(x)
-            if sums is None:
-                sums = codes.new_zeros(len(groups), *codes.shape[1:])
-            sums.index_add_(0, owner[start:start + len(codes)], codes)
-            start += len(codes)
-        counts = torch.tensor([len(g) for g in groups], device=self.device, dtype=sums.dtype)
-        return sums / counts.view(-1, *[1] * (sums.dim() - 1))
+        codes = torch.cat([self.generator.encode_class(x) for x in self.batches([item for g in groups for item in g])])
+        starts = [0]
+        for g in groups:
+            starts.append(starts[-1] + len(g))
+        return torch.cat([mean_class_code(codes[a:b].unsqueeze(0)) for a, b in zip(starts, starts[1:])])
 
     @torch.no_grad()
     def decode(self, content_codes: torch.Tensor, class_codes: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,14 @@ class FunitArchConfig(BaseConfig):
     content_dim: int = 0         # channels of the content code: 0 = the encoder's width (nf * 2**n_downs_content,
                                  # FUNIT); k > 0 adds a linear 1x1 conv to k channels at the encoder's end and one
                                  # back at the decoder's start: a smaller content code (the paper's outlook)
+    class_shots: int = 0         # K > 0: in training, the class code of each image's class is the mean of E_B over K
+                                 # *other* images of that class (FUNIT's test-time K-shot moved into training), used
+                                 # for the mixes, the short reconstructions and D's fakes; 0 = the image's own code
+                                 # (FUNIT, the paper). G2G's reassembly still encodes each mix alone (docs/training.md)
+    class_encoder: str = "funit"  # "funit": FUNIT's class encoder; "coco": the same encoder, its code conditioned on
+                                  # the content code as COCO-FUNIT's content-conditioned style encoder (Saito et al.
+                                  # 2020) with its constant style bias (CycleFUNIT also: "identity")
+    style_bias_dim: int = 1024   # class_encoder="coco": size of the learned constant style bias (COCO-FUNIT: 1024)
     init_funit: str | None = None  # official FUNIT generator file for the initial G (D stays fresh)
     init_funit_key: str = "auto"  # which generator of that file: "auto" (as the original: G <- "gen", the EMA
                                   # <- "gen_test"; a file with one of them: that one for both), "gen", "gen_test"
@@ -55,10 +63,22 @@ class FunitArchConfig(BaseConfig):
     def arch_kwargs(self) -> dict[str, int]:
         names = ("nf", "n_res_blks", "nf_mlp", "latent_dim", "n_mlp_blks", "n_downs_content", "n_downs_class",
                  "content_dim")
-        return {n: getattr(self, n) for n in names}
+        kwargs = {n: getattr(self, n) for n in names}
+        if self.class_encoder == "coco":  # (absent otherwise: FUNIT's Generator signature)
+            kwargs["coco_bias_dim"] = self.style_bias_dim
+        return kwargs
+
+    CLASS_ENCODERS: ClassVar[tuple[str, ...]] = ("funit", "coco")
 
     def validate(self) -> None:
         super().validate()
+        if self.class_encoder not in self.CLASS_ENCODERS:
+            raise ValueError(f"class_encoder must be one of {', '.join(map(repr, self.CLASS_ENCODERS))}, "
+                             f"got {self.class_encoder!r}")
+        if self.class_encoder == "coco" and self.init_funit:
+            raise ValueError("class_encoder='coco' adds COCO-FUNIT's style bias and two MLPs that an official "
+                             "FUNIT generator file does not have; use init_funit with class_encoder='funit', or "
+                             "train from scratch")
         if self.init_funit_key not in ("auto", "gen", "gen_test"):
             raise ValueError(f"init_funit_key must be 'auto', 'gen' or 'gen_test', got {self.init_funit_key!r}")
         if self.n_downs_class < 2:
@@ -106,17 +126,18 @@ class CycleFunitConfig(FunitArchConfig):
     delta_gan: float = 1.0       # LSGAN generator loss on the mixes
     delta_identity: float = 0.0  # paper eq. 8 identity loss through the frozen identity net (0 = off)
     identity_warmup_steps: int = 0  # linear warm-up of delta_identity over this many steps (0 = none)
-    class_encoder: str = "funit"  # "funit" (trained FUNIT class encoder) or "identity" (frozen ResNet-50)
+    class_encoder: str = "funit"  # "funit" (trained FUNIT class encoder), "coco" (see FunitArchConfig) or
+                                  # "identity" (frozen ResNet-50)
     identity_weights: str | None = None  # VGGFace2 resnet50_ft state-dict file (class_encoder=identity or delta_identity>0)
     vgg_weights: str | None = None  # torchvision vgg16 state-dict file for the relu2_2 loss; None = pixel L1
     lr: float = 2e-4             # Adam learning rate of G and D (CycleGAN)
     beta1: float = 0.9           # Adam beta1
     beta2: float = 0.999         # Adam beta2
 
+    CLASS_ENCODERS: ClassVar[tuple[str, ...]] = ("funit", "coco", "identity")
+
     def validate(self) -> None:
         super().validate()
-        if self.class_encoder not in ("funit", "identity"):
-            raise ValueError(f"class_encoder must be 'funit' or 'identity', got {self.class_encoder!r}")
         needs_id = self.class_encoder == "identity" or self.delta_identity > 0
         if needs_id and not self.identity_weights:
             raise ValueError("identity_weights is required when class_encoder='identity' or "
@@ -147,8 +168,9 @@ class NaiveConfig(BaseConfig):
 # fails when the settings are resolved (--dry-run included), not at the first training step.
 
 _AT_LEAST_1 = ("image_size", "batch_size", "nf", "nf_mlp", "latent_dim", "dis_nf", "patch_nf", "code_dim",
-               "gen_channels")
-_NON_NEGATIVE = ("seed", "n_res_blks", "n_downs_content", "content_dim", "identity_warmup_steps", "weight_decay",
+               "gen_channels", "style_bias_dim")
+_NON_NEGATIVE = ("seed", "n_res_blks", "n_downs_content", "content_dim", "class_shots", "identity_warmup_steps",
+                 "weight_decay",
                  # loss weights: 0 switches a term off, a negative weight would reward the error
                  "gan_w", "r_w", "fm_rec_w", "fm_w", "rl_w", "fml_w", "fml_mix_rec_w", "r1_w", "alpha_long",
                  "alpha_short", "gamma_content", "gamma_class", "delta_gan", "delta_identity", "gamma")

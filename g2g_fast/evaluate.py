@@ -4,7 +4,7 @@
     python -m g2g_fast.evaluate --funit animal149_gen.pt --data datasets/animals --image-size 128
 
 Metrics: `g2g_fast/metrics.py` (each one defined there) and docs/evaluation.md. The held-out images:
-`prepare_data` below.
+`prepare_data` below, of data seed EVAL_DATA_SEED whatever seed the checkpoint trained with.
 --k-shot K (default 1): each original's class code in stage 1 is the mean of the class codes of K
 held-out images of its class (itself and K-1 others, seeded), as FUNIT's few-shot test; the mixes,
 short reconstructions and (through the mixes) the two-stage ones use it. Leakage is per image.
@@ -28,8 +28,19 @@ from .metrics import build_probes, check_k_shot, evaluate_model, format_table, l
 
 # ---- data / model setup for the CLI -------------------------------------------------------------
 
+# The held-out data of every evaluation of a trained run, this CLI's and ablate's: data seed 0,
+# whatever seed the run trained with. On synthetic data the seed draws only the poses (a class looks
+# the same under every seed), so any seed's test split is held out from any run; on folder data it
+# picks the images kept from the probes. One fixed seed gives every run, and every row of an
+# ablation over seeds, the same images, pairs and probes, so the rows differ by their models only
+# (before issue 23 this CLI used the checkpoint's seed and ablate its base seed: they disagreed).
+EVAL_DATA_SEED = 0
+EVAL_SEED = 0  # pairs and probes (--seed, alias --eval-seed as in ablate)
+
+
 def prepare_data(data: str, *, data_format="auto", image_size=64, seed=0, synthetic_classes=8,
-                 synthetic_per_class=256, resize_to=None, samples=256, probe_train=2048, heldout_split="test"):
+                 synthetic_per_class=256, synthetic_family="scheme", resize_to=None, samples=256, probe_train=2048,
+                 heldout_split="test"):
     """-> (train ImageSet for the probes, held-out ImageSet, num_classes, identity dict, where).
 
     Synthetic data: held-out = the `heldout_split` split (same classes, new poses; "test" for the
@@ -37,7 +48,8 @@ def prepare_data(data: str, *, data_format="auto", image_size=64, seed=0, synthe
     so a seeded fifth of the training split (at most max(2 * samples, 64) images) is held out from
     the probes instead."""
     kw = dict(data_format=data_format, image_size=image_size, resize_to=resize_to, seed=seed,
-              synthetic_classes=synthetic_classes, synthetic_per_class=synthetic_per_class)
+              synthetic_classes=synthetic_classes, synthetic_per_class=synthetic_per_class,
+              synthetic_family=synthetic_family)
     ds = build_dataset(data, split="train", **kw)
     n_hold = max(2 * samples, 64)
     if data == "synthetic":
@@ -45,7 +57,9 @@ def prepare_data(data: str, *, data_format="auto", image_size=64, seed=0, synthe
         train = load_set(ds, spread_indices(ds.labels, probe_train, seed))
         held = load_set(test, spread_indices(test.labels, n_hold, seed + 3))
         where = f"synthetic {heldout_split} split"
-        identity = {"data": "synthetic", "classes": synthetic_classes, "per_class": synthetic_per_class}
+        # the family decides what the factor probe regresses (shape: + hue, texture): part of the key
+        identity = {"data": "synthetic", "classes": synthetic_classes, "per_class": synthetic_per_class,
+                    "family": synthetic_family}
     else:
         order = spread_indices(ds.labels, len(ds), seed)
         n_hold = min(n_hold, len(order) // 5)
@@ -89,7 +103,8 @@ class TrainingEvaluator:
             self.train_set, self.held, self.num_classes, identity, self.where = prepare_data(
                 opts.data, data_format=opts.data_format, image_size=cfg.image_size, seed=cfg.seed,
                 synthetic_classes=opts.synthetic_classes, synthetic_per_class=opts.synthetic_per_class,
-                resize_to=opts.resize_to, samples=CLI_SAMPLES, heldout_split="val")
+                synthetic_family=opts.synthetic_family, resize_to=opts.resize_to, samples=CLI_SAMPLES,
+                heldout_split="val")
             cache = P.default_cache_dir() if cache_dir is None else cache_dir
             self.probes = build_probes(self.train_set, identity, cache, seed=TRAIN_EVAL_SEED, log=log,
                                        steps=probe_steps or P.PROBE_STEPS)
@@ -124,8 +139,13 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, 128 for --funit")
     p.add_argument("--synthetic-classes", type=int, default=None)
     p.add_argument("--synthetic-per-class", type=int, default=None)
-    p.add_argument("--data-seed", type=int, default=None, help="dataset seed (default: the checkpoint's seed, else 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pairs and the probes (default: 0)")
+    p.add_argument("--synthetic-family", choices=["scheme", "shape"], default=None,
+                   help="what a synthetic class is (default: the checkpoint's, else scheme; docs/data.md)")
+    p.add_argument("--data-seed", type=int, default=EVAL_DATA_SEED,
+                   help=f"seed of the held-out data and of the probes' training images (default: {EVAL_DATA_SEED} "
+                        f"whatever seed the checkpoint trained with, as in ablate)")
+    p.add_argument("--seed", "--eval-seed", dest="seed", type=int, default=EVAL_SEED,
+                   help=f"seed of the pairs and the probes (default: {EVAL_SEED}; ablate's --eval-seed)")
     p.add_argument("--samples", type=int, default=CLI_SAMPLES,
                    help=f"held-out pairs to evaluate (default: {CLI_SAMPLES})")
     p.add_argument("--probe-train", type=int, default=2048, help="training images for the probes (default: 2048)")
@@ -157,10 +177,10 @@ def main(argv=None) -> int:
         _check_args(args)
         from .translate import load_generator
         device = pick_device(args.device)
-        trainer, data_seed = {}, 0
+        trainer, train_seed = {}, None
         if args.checkpoint:
             ckpt = load_checkpoint(args.checkpoint)
-            trainer, data_seed = dict(ckpt.get("trainer") or {}), int(ckpt["config"].get("seed", 0))
+            trainer, train_seed = dict(ckpt.get("trainer") or {}), ckpt["config"].get("seed")
             del ckpt
         gen, size = load_generator(args)
         gen.to(device)
@@ -168,9 +188,10 @@ def main(argv=None) -> int:
         data = pick(args.data, "data", "synthetic")
         train, held, num_classes, identity, where = prepare_data(
             data, data_format=pick(args.data_format, "data_format", "auto"), image_size=size,
-            seed=args.data_seed if args.data_seed is not None else data_seed,
+            seed=args.data_seed,
             synthetic_classes=pick(args.synthetic_classes, "synthetic_classes", 8),
             synthetic_per_class=pick(args.synthetic_per_class, "synthetic_per_class", 256),
+            synthetic_family=pick(args.synthetic_family, "synthetic_family", "scheme"),
             resize_to=trainer.get("resize_to"), samples=args.samples, probe_train=args.probe_train)
         check_k_shot(held.y, held.y, args.k_shot)  # before the probes train: a one-line error, not a traceback
     except (CheckpointError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
@@ -185,9 +206,14 @@ def main(argv=None) -> int:
     log(f"evaluated {args.samples} pairs{f' ({args.k_shot}-shot)' if args.k_shot > 1 else ''} in "
         f"{time.time() - t0:.1f}s")
     print(format_table(metrics))
+    print(f"held-out: {where}, data seed {args.data_seed}"
+          + (f" (the checkpoint trained with seed {train_seed})" if train_seed is not None else "")
+          + f"; pairs and probes seed {args.seed}")
     if args.json:
+        # seed: of the pairs and probes; data_seed: of the held-out data; train_seed: the checkpoint's
         report = {"source": args.checkpoint or args.funit, "data": data, "heldout": where,
                   "image_size": size, "num_classes": num_classes, "samples": args.samples, "seed": args.seed,
+                  "data_seed": args.data_seed, "train_seed": train_seed,
                   "k_shot": args.k_shot,
                   "generator": "raw" if args.raw else "ema", "metrics": metrics}
         path = Path(args.json)

@@ -14,10 +14,16 @@ Metrics (pairs (x1, x2) of held-out images of different classes; m1 = G(E_A(x1),
                         mixes; mean over factors of |error| / std of the factor (0 perfect, about
                         1.1 for unrelated images); content_mae: per factor in factor units
                         (light: angular error in radians); probe_content_*: same on real images;
-                        content_factor_error: per factor in std units (their mean is content_error)
+                        content_factor_error: per factor in std units (their mean is content_error).
+                        The shape family (--synthetic-family shape) adds hue (circular, as light;
+                        error in turns) and texture (categorical: the argmax of the regressed one-hot;
+                        error = misclassification rate, / 0.75, chance's rate, in std units)
   content_error_to_class   the same errors of the mixes against the factors of the image that gave
                         the class code (m1 against x2's); a factor whose error is small here and
                         large above rides on the class code (content_factor_error_to_class)
+  recon_short_factor_error   per factor, the short reconstructions s_i against x_i's own factors:
+                        what the generator reproduces from an image's own codes, the bound on
+                        what a mix can keep (probe_content_factor_error: the probe on real images)
   leak_class_from_content_acc   held-out accuracy of a linear (logistic) probe predicting the
                         class from content codes; chance (1/C, leak_class_chance) is best
   leak_factors_from_class_r2    synthetic only: held-out R^2 (clipped at 0, averaged over
@@ -33,15 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import probes as P
-from .reference.g2g import g2g_forward
+from .data.synthetic import SHAPE_FACTOR_NAMES, TEXTURES
+from .reference.g2g import g2g_forward, mean_class_code
 
 CONTENT_FACTORS = ["cx", "cy", "scale", "background", "light"]   # rotation: see factor_targets
+SHAPE_CONTENT_FACTORS = CONTENT_FACTORS + ["hue", "texture"]     # the shape family's (data/synthetic.py)
+TEXTURE_CHANCE_ERROR = 1 - 1 / len(TEXTURES)  # misclassification rate of a guess unrelated to the image
 METRIC_KEYS = ["recon_short_l1", "recon_short_psnr", "recon_long_l1", "recon_long_psnr",
                "swap_acc", "swap_acc_m1", "swap_acc_m2", "swap_kept_acc", "swap_chance", "probe_class_acc",
                "content_error", "probe_content_error", "content_mae", "probe_content_mae",
                "content_factor_error", "content_error_to_class", "content_factor_error_to_class",
+               "recon_short_factor_error", "probe_content_factor_error",
                "leak_class_from_content_acc", "leak_class_chance", "leak_factors_from_class_r2",
                "leak_factors_from_class_r2_per_factor"]
 PSNR_CAP = 100.0
@@ -53,7 +64,7 @@ PSNR_CAP = 100.0
 class ImageSet:
     x: torch.Tensor                       # (N, 3, S, S) in [-1, 1]
     y: torch.Tensor                       # (N,) int64 labels
-    factors: torch.Tensor | None = None   # (N, 6) synthetic ground truth (SyntheticDataset.factors)
+    factors: torch.Tensor | None = None   # (N, 6) or, shape family, (N, 8): SyntheticDataset.factors
 
     def __len__(self):
         return len(self.y)
@@ -125,27 +136,65 @@ def check_k_shot(used: torch.Tensor, labels: torch.Tensor, k: int) -> None:
 
 # ---- synthetic factors --------------------------------------------------------------------------
 
+def has_hue_texture(f: torch.Tensor) -> bool:
+    """Factors of the shape family (hue and texture after the six)? Their number says: the factor
+    set follows the dataset without a flag to pass along."""
+    return f.shape[1] == len(SHAPE_FACTOR_NAMES)
+
+
+def content_factors(f: torch.Tensor) -> list[str]:
+    """The scored factors of SyntheticDataset factors `f`: CONTENT_FACTORS or SHAPE_CONTENT_FACTORS."""
+    return SHAPE_CONTENT_FACTORS if has_hue_texture(f) else CONTENT_FACTORS
+
+
+def target_names(f: torch.Tensor) -> list[str]:
+    """Names of the factor_targets columns (the leakage R^2 per target)."""
+    names = ["cx", "cy", "scale", "background", "light_cos", "light_sin"]
+    if has_hue_texture(f):
+        names += ["hue_cos", "hue_sin"] + [f"texture_{t}" for t in TEXTURES]
+    return names
+
+
 def factor_targets(f: torch.Tensor) -> torch.Tensor:
     """SyntheticDataset factors (cx, cy, scale, rotation, background, light) -> regression targets
     (cx, cy, scale, background, cos light, sin light). Rotation is left out: the shapes' symmetries
-    (a circle has none to see) make it unidentifiable from the image for many classes."""
+    (a circle has none to see) make it unidentifiable from the image for many classes. The shape
+    family's (.., hue, texture) add cos/sin of the hue angle and the texture one-hot (4 columns):
+    the same regressor scores a category, read back by argmax."""
     light = f[:, 5]
-    return torch.stack([f[:, 0], f[:, 1], f[:, 2], f[:, 4], torch.cos(light), torch.sin(light)], 1)
+    cols = [f[:, 0], f[:, 1], f[:, 2], f[:, 4], torch.cos(light), torch.sin(light)]
+    if has_hue_texture(f):
+        hue = 2 * math.pi * f[:, 6]
+        cols += [torch.cos(hue), torch.sin(hue)]
+        cols += F.one_hot(f[:, 7].long(), len(TEXTURES)).to(f.dtype).unbind(1)
+    return torch.stack(cols, 1)
+
+
+def _angle_error(cos, sin, angle):
+    d = torch.atan2(sin, cos) - angle
+    return torch.atan2(torch.sin(d), torch.cos(d)).abs()
 
 
 def factor_abs_errors(pred_t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """(N, 5) absolute errors in factor units, order CONTENT_FACTORS (light: angle, radians)."""
+    """(N, K) absolute errors in factor units, order content_factors(f) (light: angle, radians;
+    hue: circular, in turns, at most 0.5; texture: 1 where the argmax is the wrong texture)."""
     t = factor_targets(f)
     lin = (pred_t[:, :4] - t[:, :4]).abs()
-    d = torch.atan2(pred_t[:, 5], pred_t[:, 4]) - f[:, 5]
-    ang = torch.atan2(torch.sin(d), torch.cos(d)).abs()
-    return torch.cat([lin, ang[:, None]], 1)
+    errs = [lin, _angle_error(pred_t[:, 4], pred_t[:, 5], f[:, 5])[:, None]]
+    if has_hue_texture(f):
+        errs.append(_angle_error(pred_t[:, 6], pred_t[:, 7], 2 * math.pi * f[:, 6])[:, None] / (2 * math.pi))
+        errs.append((pred_t[:, 8:].argmax(1) != f[:, 7].long()).to(lin.dtype)[:, None])
+    return torch.cat(errs, 1)
 
 
 def factor_scales(f: torch.Tensor) -> torch.Tensor:
-    """Std of each CONTENT_FACTORS entry over a reference set (light: the std of a uniform angle)."""
+    """Std of each content_factors(f) entry over a reference set (light: the std of a uniform angle;
+    hue: of a uniform hue; texture: chance's misclassification rate, so ~1 is an unrelated image)."""
     s = f[:, [0, 1, 2, 4]].std(0, unbiased=False)
-    return torch.cat([s, torch.tensor([math.pi / math.sqrt(3)])])
+    fixed = [math.pi / math.sqrt(3)]
+    if has_hue_texture(f):
+        fixed += [1 / math.sqrt(12), TEXTURE_CHANCE_ERROR]
+    return torch.cat([s, torch.tensor(fixed)])
 
 
 # ---- probes -------------------------------------------------------------------------------------
@@ -258,8 +307,8 @@ def factor_errors(probes: Probes, pred_t: torch.Tensor, factors: torch.Tensor) -
     factor units, per-factor standardised error)."""
     mae = factor_abs_errors(pred_t, factors).mean(0)
     std_units = mae / probes.scales
-    return (std_units.mean().item(), dict(zip(CONTENT_FACTORS, mae.tolist())),
-            dict(zip(CONTENT_FACTORS, std_units.tolist())))
+    names = content_factors(factors)
+    return std_units.mean().item(), dict(zip(names, mae.tolist())), dict(zip(names, std_units.tolist()))
 
 
 def leakage_metrics(train_codes, train: ImageSet, test_codes, test: ImageSet, num_classes: int,
@@ -277,9 +326,8 @@ def leakage_metrics(train_codes, train: ImageSet, test_codes, test: ImageSet, nu
         pred = P.fit_ridge(fb, ytr)(gb)
         r2 = 1 - ((pred - yte) ** 2).sum(0) / ((yte - yte.mean(0)) ** 2).sum(0).clamp(min=1e-12)
         r2 = r2.clamp(min=0)
-        names = ["cx", "cy", "scale", "background", "light_cos", "light_sin"]
         res["leak_factors_from_class_r2"] = r2.mean().item()
-        res["leak_factors_from_class_r2_per_factor"] = dict(zip(names, r2.tolist()))
+        res["leak_factors_from_class_r2_per_factor"] = dict(zip(target_names(train.factors), r2.tolist()))
     return res
 
 
@@ -295,7 +343,7 @@ def evaluate_model(model, train: ImageSet, heldout: ImageSet, probes: Probes, nu
     class_codes = None
     if k_shot > 1:
         _, codes = encode_all(model, heldout.x, batch * 2, device)
-        class_codes = tuple(codes[kshot_indices(heldout.y, i, k_shot, seed + j)].mean(1)
+        class_codes = tuple(mean_class_code(codes[kshot_indices(heldout.y, i, k_shot, seed + j)])
                             for j, i in enumerate((i1, i2)))
     out = run_pairs(model, s1.x, s2.x, batch, device, class_codes)
     m = reconstruction_metrics(out, s1.x, s2.x)
@@ -306,10 +354,17 @@ def evaluate_model(model, train: ImageSet, heldout: ImageSet, probes: Probes, nu
         own, other = torch.cat([s1.factors, s2.factors]), torch.cat([s2.factors, s1.factors])
         m["content_error"], m["content_mae"], m["content_factor_error"] = factor_errors(probes, pred, own)
         m["content_error_to_class"], _, m["content_factor_error_to_class"] = factor_errors(probes, pred, other)
-        m["probe_content_error"], m["probe_content_mae"] = content_error(probes, heldout.x, heldout.factors)
+        # What bounds the mixes: the short reconstructions' own factors (a factor the generator
+        # does not reproduce from its own codes cannot follow the content image in a mix) and the
+        # probe's per-factor error on real images.
+        short = probes.regress(torch.cat([out["s1"], out["s2"]]))
+        m["recon_short_factor_error"] = factor_errors(probes, short, own)[2]
+        m["probe_content_error"], m["probe_content_mae"], m["probe_content_factor_error"] = factor_errors(
+            probes, probes.regress(heldout.x), heldout.factors)
     else:
         m.update(content_error=None, content_mae=None, probe_content_error=None, probe_content_mae=None,
-                 content_factor_error=None, content_error_to_class=None, content_factor_error_to_class=None)
+                 content_factor_error=None, content_error_to_class=None, content_factor_error_to_class=None,
+                 recon_short_factor_error=None, probe_content_factor_error=None)
     lt = train.subset(torch.tensor(spread_indices(train.y, leak_train, seed + 2)))
     # held-out codes: every held-out image once (codes of x1 and x2 would repeat images)
     m.update(leakage_metrics(encode_all(model, lt.x, batch * 2, device), lt,

@@ -46,6 +46,8 @@ class TrainOptions:
     dist_timeout: float = 600.0  # under torchrun: seconds a collective waits for the other ranks before failing
     synthetic_classes: int = 8   # classes of the synthetic dataset
     synthetic_per_class: int = 256  # images per class of the synthetic dataset
+    synthetic_family: str = "scheme"  # what a synthetic class is: scheme (shape + texture + colour) |
+                                      # shape (the shape alone; colour and texture vary as content)
     resize_to: int | None = None  # shorter side before the random crop (None: image_size * 140/128, FUNIT's)
 
 
@@ -90,7 +92,7 @@ FLAG_TARGETS = {
     "ckpt_every": "trainer", "keep_snapshots": "trainer", "log_every": "trainer", "eval_every": "trainer",
     "nan_policy": "trainer", "nan_check_every": "trainer", "workers": "trainer", "loader": "trainer",
     "subpixel_decoder": "trainer",
-    "sync_bn": "trainer", "dist_timeout": "trainer",
+    "sync_bn": "trainer", "dist_timeout": "trainer", "synthetic_family": "trainer",
     "image_size": "cfg", "batch_size": "cfg", "seed": "cfg", "init_funit": "cfg",
 }
 
@@ -164,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loader", choices=["auto", "torch", "dali", "gpu-cache"],
       help=f"data loader (default: {d.loader}: on CUDA, DALI for image files when installed, else the GPU "
            "cache when the decoded data fits, else torch; torch on CPU); all give the same batches")
+    a("--synthetic-family", choices=["scheme", "shape"],
+      help="what a class of --data synthetic is: scheme (a shape with its texture and colour) or shape "
+           "(the shape alone, at most 12 classes; colour and texture vary per image as two more content "
+           f"factors, scored by the evaluation) (default: {d.synthetic_family}; docs/data.md)")
     a("--subpixel-decoder", action="store_true", default=None,
       help="fast backend: compute the decoder's upsample + 5x5 convs as exact sub-pixel phase convolutions "
            "(2.8x fewer MACs; default: off until a GPU measurement shows it faster)")
@@ -267,7 +273,8 @@ def check_options(o: TrainOptions) -> None:
         raise UsageError(str(e)) from None
     choices = {"data_format": ("auto", "folder", "celeba"), "device": ("auto", "cpu", "cuda"),
                "precision": ("auto", "fp32", "bf16", "fp16"), "backend": ("auto", "reference", "fast"),
-               "nan_policy": ("stop", "skip"), "loader": ("auto", "torch", "dali", "gpu-cache")}
+               "nan_policy": ("stop", "skip"), "loader": ("auto", "torch", "dali", "gpu-cache"),
+               "synthetic_family": ("scheme", "shape")}
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")

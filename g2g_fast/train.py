@@ -215,7 +215,7 @@ def setup(argv):
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
                             resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
-                            synthetic_per_class=opts.synthetic_per_class)
+                            synthetic_per_class=opts.synthetic_per_class, synthetic_family=opts.synthetic_family)
     # A run in --out is continued (--resume) or replaced (--overwrite), never mixed into. Every rank
     # checks before joining the process group, which waits for all ranks: rank 0 writes only after
     # that, so all ranks see the folder as the user left it.
@@ -261,7 +261,8 @@ def setup(argv):
     if args.preset is not None and ckpt is not None:
         log.info("--preset %s with --resume: the checkpoint's settings replace the preset", args.preset)
     stream = build_stream(opts.loader, dataset, cfg.batch_size, seed=cfg.seed, start_step=approach.step,
-                          device=device, workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size)
+                          device=device, workers=opts.workers, rank=ctx.rank, world_size=ctx.world_size,
+                          shots=getattr(cfg, "class_shots", 0))
     if ctx.is_main:  # every check passed: --overwrite's removal, metrics back to the resumed step
         run_folder.prepare(out, approach.step, args.overwrite)
     return approach, opts, dataset, stream
@@ -302,10 +303,9 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
             interrupt_message(lambda: f"interrupted at step {approach.step}; {saved_note(out, saved, start)}"):
         while approach.step < opts.steps:
             cpu_threads.tick()  # follows other processes' load (at most one /proc/stat read per 2 s)
-            with timer("data"):
-                x, y = next(stream)
-                x, y = x.to(approach.device, non_blocking=True), y.to(approach.device, non_blocking=True)
-            losses = approach.train_step(x, y, timer)
+            with timer("data"):  # (x, y), or (x, y, shots) with K-shot class codes (class_shots)
+                x, y, *shots = (t.to(approach.device, non_blocking=True) for t in next(stream))
+            losses = approach.train_step(x, y, timer, shots=shots[0] if shots else None)
             images += x.shape[0] * ctx.world_size
             step = approach.step
             final = step == opts.steps

@@ -8,6 +8,7 @@ import torch
 
 from g2g_fast import ablate as A
 from g2g_fast import ablate_report as R
+from g2g_fast import welch as W
 from g2g_fast.checkpoint import load_checkpoint
 from g2g_fast.config import Funit2FunitConfig
 from g2g_fast.metrics import METRIC_KEYS
@@ -62,6 +63,12 @@ def test_variants_train_evaluate_report_and_resume(tmp_path, capsys):
     again = json.loads((out / "ablation.json").read_text())
     for v in ("all_on", "no_long_rec"):
         assert again["variants"][v]["metrics"] == report["variants"][v]["metrics"]
+    # A checkpoint saved before a setting existed (no key for it) counts as that setting's default.
+    from g2g_fast.checkpoint import save_checkpoint
+    ckpt = load_checkpoint(out / "all_on" / "checkpoints" / "last.pt")
+    del ckpt["config"]["class_shots"], ckpt["trainer"]["synthetic_family"]
+    save_checkpoint(out / "all_on" / "checkpoints" / "last.pt", ckpt)
+    assert ablate(tmp_path) == 0
     # Other settings into the same folder are refused, naming the variant and the fix.
     assert ablate(tmp_path, train_flags=TRAIN_FLAGS[:-2] + ["--set", "synthetic_per_class=12"]) == 2
     err = capsys.readouterr().err
@@ -83,6 +90,11 @@ def test_variants_train_evaluate_report_and_resume(tmp_path, capsys):
                                                              "cyclefunit, naive"),
     (["--sweep", "content_dim"], TRAIN_FLAGS, "--sweep content_dim: expected KEY=V1,V2"),
     (["--sweep", "content_dim=2,2"], TRAIN_FLAGS, "--sweep content_dim=2,2: expected KEY=V1,V2,... with distinct"),
+    (["--sweep", "class_shots=4+class_encoder"], TRAIN_FLAGS, "expected KEY=V.KEY2=W .one value each."),
+    (["--sweep", "class_shots=1,4+class_encoder=coco"], TRAIN_FLAGS, "expected KEY=V.KEY2=W .one value each."),
+    (["--sweep", "class_shots=0,4", "--sweep", "class_shots=4"], TRAIN_FLAGS, "variant class_shots_4 is already swept"),
+    (["--sweep", "class_shots=0", "--sweep", "class_shots=4+no_such=1"], TRAIN_FLAGS,
+     "variant class_shots_4.no_such_1: --set no_such=1: unknown key 'no_such'"),
     (["--sweep", "no_such=1,2"], TRAIN_FLAGS, "variant no_such_1: --set no_such=1: unknown key 'no_such'"),
     (["--sweep", "content_dim=-1"], TRAIN_FLAGS,
      "variant content_dim_-1: --set content_dim=-1: content_dim must be >= 0"),
@@ -136,17 +148,30 @@ def test_statistics_over_seeds():
     assert entry["final_losses"] == {"g_long": 0.5}
 
 
-def test_factor_table_averages_the_seeds_per_factor():
+def test_factor_table_gives_mean_and_std_over_the_seeds_per_factor():
     report = fake_report({"all_on": [0.5, 0.6], "all_off": [0.4, 0.5]})
     assert R.factor_table(report) == []  # no per-factor numbers: no table
     for v, entry in report["variants"].items():
         for i, run in entry["runs"].items():
-            run["metrics"]["content_factor_error"] = {"cx": 0.1 + int(i), "light": 0.5}
-            run["metrics"]["content_factor_error_to_class"] = {"cx": 1.0, "light": 0.2 * (int(i) + 1)}
+            # all_off's data has one more factor (another synthetic family): a column of its own
+            extra = {"hue": 0.25} if v == "all_off" else {}
+            run["metrics"]["content_factor_error"] = {"cx": 0.1 + int(i), "light": 0.5, **extra}
+            run["metrics"]["content_factor_error_to_class"] = {"cx": 1.0, "light": 0.2 * (int(i) + 1), **extra}
         entry["metrics"], entry["stats"], _ = R.variant_stats(entry["runs"])
+    stats = report["variants"]["all_on"]["stats"]
+    assert stats["content_factor_error.cx"]["std"] == pytest.approx(2 ** -0.5)
+    assert stats["content_factor_error_to_class.light"]["mean"] == pytest.approx(0.3)
     lines = R.factor_table(report)
-    assert "| variant | cx | light |" in lines and "| all_on | 0.60 / 1.00 | 0.50 / 0.30 |" in lines
-    assert "| all_off | 0.60 / 1.00 | 0.50 / 0.30 |" in R.format_report(report)
+    assert "| variant | cx | light | hue |" in lines
+    assert "| all_on | 0.60 ± 0.71 / 1.00 ± 0.00 | 0.50 ± 0.00 / 0.30 ± 0.14 | - / - |" in lines
+    assert ("| all_off | 0.60 ± 0.71 / 1.00 ± 0.00 | 0.50 ± 0.00 / 0.30 ± 0.14 | 0.25 ± 0.00 / 0.25 ± 0.00 |"
+            in R.format_report(report))
+    one = fake_report({"all_on": [0.5]})  # one seed: means only
+    for run in one["variants"]["all_on"]["runs"].values():
+        run["metrics"]["content_factor_error"] = run["metrics"]["content_factor_error_to_class"] = {"cx": 0.4}
+    entry = one["variants"]["all_on"]
+    entry["metrics"], entry["stats"], _ = R.variant_stats(entry["runs"])
+    assert "| all_on | 0.40 / 0.40 |" in R.factor_table(one)
 
 
 def test_answer_says_which_loss_changes_what_beyond_the_spread():
@@ -164,8 +189,10 @@ def test_answer_says_which_loss_changes_what_beyond_the_spread():
     assert lines[0].startswith("**Does any of G2G's three losses change swap accuracy, content error or leakage")
     assert "Yes: removing long reconstruction L1 (no_long_rec) changes swap acc." in lines[0]
     assert "no_long_fm" not in lines[0]
-    effects = ("- without long feature matching (fml_w), no_long_fm vs all_on: swap acc +0.033 (spread 0.100: within); "
-               "content err +0.700 (spread 0.755: within)")
+    # p: Welch's t-test (tests/test_ablate_welch.py), where scipy is installed
+    p = ", p 0.67" if W.have_scipy() else ""
+    effects = (f"- without long feature matching (fml_w), no_long_fm vs all_on: swap acc +0.033 (spread 0.100: "
+               f"within{p}); content err +0.700 (spread 0.755: within{', p 0.25' if p else ''})")
     assert any(ln.startswith(effects) for ln in lines), lines
     table = R.format_report({**report, "answer": lines, "targets": R.targets(report)})
     assert "| all_on | - | 0.2000 ± 0.0000 |" in table and "0.6000 ± 0.1000" in table
@@ -184,3 +211,11 @@ def test_answer_no_and_not_answered():
     lines = answer_of(sweep, "sweep")
     assert lines[0] == ("**Differences from content_dim_0 beyond the seed-to-seed spread:** content_dim_2 "
                         "(marked below).")
+
+
+def test_repeated_sweeps_add_variants_and_bundles_set_several_keys():
+    args = A.build_parser().parse_args(["--sweep", "class_shots=0,4", "--sweep", "class_shots=4+class_encoder=coco"])
+    variants = A.build_variants(args)
+    assert list(variants) == ["class_shots_0", "class_shots_4", "class_shots_4+class_encoder_coco"]
+    assert variants["class_shots_4+class_encoder_coco"].sets == ["class_shots=4", "class_encoder=coco"]
+    assert variants["class_shots_0"].sets == ["class_shots=0"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from g2g_fast import ablate as A
+from g2g_fast import evaluate as E
 from g2g_fast import probes as P
 from g2g_fast.checkpoint import load_checkpoint
 from g2g_fast.metrics import METRIC_KEYS
@@ -62,6 +63,11 @@ def test_seeds_give_runs_statistics_and_one_curve_per_variant(tmp_path, capsys):
         assert r["exceeds"] == (abs(r["delta"]) > r["spread"])
     table = (out / "ablation.md").read_text()
     assert " ± " in table and report["answer"][0] in table and "Issue-15 demo targets" in table
+    # Welch's t-test of no_long_rec against all_on: every headline metric and factor (test_ablate_welch.py)
+    tested = {t["metric"] for t in report["comparison"]["tests"]}
+    assert {"swap_acc", "recon_long_psnr", "content_factor_error.cx", "content_factor_error_to_class.light"} \
+        <= tested
+    assert ("Welch's t-test of each variant against all_on" in table) == report["comparison"]["p_values"]
     assert ("Yes: removing" in report["answer"][0]) == any(r["exceeds"] for r in rows)
     if report["figure"]:  # matplotlib installed (the plot extra)
         assert (out / "curves.png").is_file() and "![learning curves](curves.png)" in table
@@ -77,6 +83,41 @@ def test_seeds_give_runs_statistics_and_one_curve_per_variant(tmp_path, capsys):
     assert again["variants"]["no_long_rec"]["stats"] == report["variants"]["no_long_rec"]["stats"]
     assert again["trained_now"] == [] and report["trained_now"] == [
         "all_on/seed_3", "all_on/seed_4", "no_long_rec/seed_3", "no_long_rec/seed_4"]
+
+
+def evaluate_cli(tmp_path, ckpt, *flags) -> dict:
+    """`python -m g2g_fast.evaluate --checkpoint ckpt` with ablate's PROBE_FLAGS (else defaults) -> its JSON."""
+    out = tmp_path / f"eval_{len(list(tmp_path.glob('eval_*.json')))}.json"
+    assert E.main(["--checkpoint", str(ckpt), *PROBE_FLAGS, "--probe-cache", str(tmp_path / "cache"),
+                   "--device", "cpu", "--json", str(out), *flags]) == 0
+    return json.loads(out.read_text())
+
+
+def test_evaluate_gives_the_ablation_rows_numbers_on_the_same_data(tmp_path, capsys):
+    """Every run is judged on the held-out data of one data seed (0), whatever seed it trained with,
+    in ablate and in evaluate alike: evaluate's defaults give a row's numbers; --data-seed moves both."""
+    out = tmp_path / "abl"
+    argv = ["--out", str(out), "--steps", "1", "--seeds", "2", "--seed", "1", "--variants", "all_on",
+            "--device", "cpu", *PROBE_FLAGS, "--probe-cache", str(tmp_path / "cache"), "--", *TRAIN_FLAGS]
+    assert A.main(argv) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert (report["data_seed"], report["eval_seed"]) == (0, 0)
+    assert "Held-out data: data seed 0 for every run" in (out / "ablation.md").read_text()
+    for seed in ("1", "2"):
+        run = report["variants"]["all_on"]["runs"][seed]
+        assert (run["seed"], run["data_seed"], run["eval_seed"]) == (int(seed), 0, 0)
+        cli = evaluate_cli(tmp_path, out / "all_on" / f"seed_{seed}" / "checkpoints" / "last.pt")
+        assert cli["metrics"] == run["metrics"]  # identical, not close: the same images, pairs and probes
+        assert (cli["data_seed"], cli["train_seed"], cli["seed"]) == (0, int(seed), 0)
+    assert "data seed 0 (the checkpoint trained with seed 2); pairs and probes seed 0" in capsys.readouterr().out
+    # another data seed: both CLIs move to it together (the runs are evaluated, not retrained)
+    assert A.main(argv[:-len(TRAIN_FLAGS) - 1] + ["--data-seed", "1", "--", *TRAIN_FLAGS]) == 0
+    moved = json.loads((out / "ablation.json").read_text())
+    run = moved["variants"]["all_on"]["runs"]["2"]
+    assert moved["trained_now"] == [] and run["data_seed"] == 1
+    assert run["metrics"] != report["variants"]["all_on"]["runs"]["2"]["metrics"]
+    cli = evaluate_cli(tmp_path, out / "all_on" / "seed_2" / "checkpoints" / "last.pt", "--data-seed", "1")
+    assert cli["metrics"] == run["metrics"] and cli["data_seed"] == 1
 
 
 def test_sweep_of_the_content_code_size(tmp_path):

@@ -111,6 +111,14 @@ CASES = [
     ("fp16 on the CPU", (*TRAIN, "--precision", "fp16", "--out", NEW), "error: --precision fp16 on the CPU"),
     ("--loader dali on synthetic data", (*TRAIN, "--loader", "dali", "--out", NEW),
      "error: --loader dali"),
+    ("--synthetic-family unknown", (*TRAIN, "--synthetic-family", "colour", "--out", NEW),
+     "error: argument --synthetic-family: invalid choice: 'colour'"),
+    ("--set synthetic_family unknown", (*TRAIN, "--set", "synthetic_family=colour", "--out", NEW),
+     "error: synthetic_family must be one of scheme, shape, got 'colour'"),
+    ("shape family beyond 12 classes", (*TRAIN, "--synthetic-family", "shape", "--set", "synthetic_classes=13",
+                                        "--out", NEW),
+     "error: --synthetic-classes 13 with --synthetic-family shape: a class is one of the 12 shapes; pass "
+     "--synthetic-classes 12 or fewer"),
     # runs and checkpoints
     ("second run into an existing --out", (*TRAIN, "--out", "{d}/run"),
      "error: --out {d}/run already holds a run"),

@@ -179,6 +179,8 @@ def test_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["metrics"]) == set(M.METRIC_KEYS)
     assert report["num_classes"] == 4 and report["image_size"] == 32
+    # the held-out data of data seed 0, whatever seed the run trained with (test_ablate_seeds.py: ablate's too)
+    assert (report["data_seed"], report["train_seed"], report["seed"]) == (0, 0, 0)
     assert all(report["metrics"][k] is not None for k in M.METRIC_KEYS)
     assert "class swap accuracy" in capsys.readouterr().out
     out2 = tmp_path / "m2.json"
@@ -234,3 +236,23 @@ def test_folder_dataset_holds_out_images_and_evaluates(tmp_path, capsys):
     assert m["content_error"] is None and m["leak_factors_from_class_r2"] is None  # no ground-truth factors
     table = capsys.readouterr().out
     assert "class swap accuracy" in table and "| content error (std units) | mixes / probe on real | n/a / n/a |" in table
+
+
+class FirstImage(Identity):
+    """Draws the batch's first content image whatever it is asked for: its short reconstructions
+    keep no factor of their own image."""
+    def decode(self, content, class_code):
+        return content[:1].expand_as(content)
+
+
+def test_short_reconstruction_factor_errors_bound_what_a_mix_can_keep(setup):
+    train, held, C, probes, _, _, _ = setup
+    exact = M.evaluate_model(Identity(), train, held, probes, C, samples=48, leak_train=192)
+    lost = M.evaluate_model(FirstImage(), train, held, probes, C, samples=48, leak_train=192)
+    for f, probe_err in exact["probe_content_factor_error"].items():
+        # s_i = x_i: the reconstructions' errors are the probe's own on real images
+        assert exact["recon_short_factor_error"][f] == pytest.approx(probe_err, abs=0.1), f
+    for f in ("cx", "cy", "background"):
+        assert lost["recon_short_factor_error"][f] > 0.5 > exact["recon_short_factor_error"][f], f
+    assert exact["probe_content_error"] == pytest.approx(
+        sum(exact["probe_content_factor_error"].values()) / len(exact["probe_content_factor_error"]), rel=1e-5)

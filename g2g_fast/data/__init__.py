@@ -25,8 +25,9 @@ log = logging.getLogger("g2g_fast")
 
 def build_dataset(data: str, *, data_format: str = "auto", image_size: int = 128,
                   resize_to: int | None = None, split: str = "train", seed: int = 0,
-                  synthetic_classes: int = 8, synthetic_per_class: int = 256):
-    """The dataset named by `data`: "synthetic", or a path.
+                  synthetic_classes: int = 8, synthetic_per_class: int = 256, synthetic_family: str = "scheme"):
+    """The dataset named by `data`: "synthetic" (of `synthetic_family`, "scheme" or "shape": what a
+    class is, data/synthetic.py), or a path.
 
     For a path, `data_format="auto"` means CelebA if `identity_CelebA.txt` is in the root, else a
     folder. A folder whose root holds FUNIT list files (`train_list.txt`, `test_list.txt`) is read
@@ -36,7 +37,7 @@ def build_dataset(data: str, *, data_format: str = "auto", image_size: int = 128
     """
     if data == "synthetic":
         return SyntheticDataset(image_size=image_size, num_classes=synthetic_classes,
-                                per_class=synthetic_per_class, seed=seed, split=split)
+                                per_class=synthetic_per_class, seed=seed, split=split, family=synthetic_family)
     if data_format not in ("auto", "folder", "celeba"):
         raise DataError(f"--data-format {data_format!r} is unknown; use auto, folder or celeba")
     root = os.fspath(data)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .loader import StepPlan, Stream, nhwc_to_unit_range, sample_augment, stored_sizes
+from .loader import Stream, nhwc_to_unit_range, plan_for, sample_augment, stored_sizes
 from .transforms import DataError, load_rgb
 
 log = logging.getLogger("g2g_fast")
@@ -98,7 +98,7 @@ class DaliStream(Stream):
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, start_step: int = 0,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 threads: int = 4, prefetch: int = 2):
+                 threads: int = 4, prefetch: int = 2, shots: int = 0):
         if not dali_available():
             raise DataError(f"--loader dali: NVIDIA DALI is not installed; {INSTALL}, or use --loader gpu-cache or torch")
         if not hasattr(dataset, "paths"):
@@ -106,7 +106,8 @@ class DaliStream(Stream):
                             "gpu-cache (renders it on the device) or torch")
         if start_step < 0:
             raise DataError(f"start_step must be >= 0, got {start_step}")
-        self.plan = StepPlan(len(dataset), batch_size, seed, True, rank, world_size)
+        self.plan = plan_for(dataset, batch_size, seed, True, rank, world_size, shots)
+        self.shots = shots
         self.dataset, self.seed, self.device = dataset, seed, torch.device(device)
         self.batches_per_epoch, self.step = self.plan.per_epoch, start_step
         self.sizes = stored_sizes(dataset)
@@ -117,7 +118,8 @@ class DaliStream(Stream):
         self._feed = start_step  # DALI runs the source ahead of the consumer (prefetch)
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
-        self._pipe = _build_pipeline(self._source, batch_size, dataset.image_size, device_id, threads,
+        # With K-shot class codes one pipeline batch is the step's B images and their B * K shots.
+        self._pipe = _build_pipeline(self._source, batch_size * (1 + shots), dataset.image_size, device_id, threads,
                                      prefetch, seed)
         log.info("dali: %d images, %s decoding, %d threads", len(dataset),
                  "GPU (nvJPEG)" if gpu else "CPU-only mode", threads)
@@ -141,7 +143,7 @@ class DaliStream(Stream):
 
     def _source(self):
         """One batch of inputs for step `self._feed`: encoded bytes, flip, resized size, crop corner, label."""
-        keys = self.plan.keys(self._feed)
+        keys = self.plan.load_keys(self._feed)
         self._feed += 1
         encoded = list(self._io.map(self._encoded, [i for _, i in keys]))
         flip, size, anchor, label = [], [], [], []
@@ -154,7 +156,7 @@ class DaliStream(Stream):
             label.append(np.array(self.dataset.labels[i], dtype=np.int64))
         return encoded, flip, size, anchor, label
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         try:
@@ -169,7 +171,7 @@ class DaliStream(Stream):
         y = torch.from_numpy(np.array(labels.as_tensor())).to(self.device, non_blocking=True)
         x = nhwc_to_unit_range(pixels)
         self.step += 1
-        return x, y
+        return self.split(x, y)
 
     def close(self) -> None:
         self._pipe = None

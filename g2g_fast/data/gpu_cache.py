@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .loader import StepPlan, Stream, nhwc_to_unit_range, sample_augment, stored_sizes
+from .loader import Stream, nhwc_to_unit_range, plan_for, sample_augment, stored_sizes
 from .transforms import DataError
 
 log = logging.getLogger("g2g_fast")
@@ -140,10 +140,11 @@ class CachedStream(Stream):
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, start_step: int = 0,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 budget: int | None = None, cache: ImageCache | None = None):
+                 budget: int | None = None, cache: ImageCache | None = None, shots: int = 0):
         if start_step < 0:
             raise DataError(f"start_step must be >= 0, got {start_step}")
-        self.plan = StepPlan(len(dataset), batch_size, seed, True, rank, world_size)
+        self.plan = plan_for(dataset, batch_size, seed, True, rank, world_size, shots)
+        self.shots = shots
         self.dataset, self.seed, self.device = dataset, seed, torch.device(device)
         self.batches_per_epoch, self.step = self.plan.per_epoch, start_step
         self.cache = cache if cache is not None else ImageCache(dataset, self.device, budget)
@@ -151,9 +152,9 @@ class CachedStream(Stream):
                  self.cache.nbytes / 2**20, "on " + str(self.device) if self.cache.on_device else "in host memory",
                  self.cache.why, self.cache.seconds)
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self):
         rows = []
-        for epoch, i in self.plan.keys(self.step):
+        for epoch, i in self.plan.load_keys(self.step):  # with K-shot: the shot images in the same gather
             j = self.cache.source[i]
             w, h = self.cache.sizes[j]
             # The generator belongs to the requested index, the pixels to its replacement: as in
@@ -171,4 +172,4 @@ class CachedStream(Stream):
             labels = labels.to(self.device, non_blocking=True)
         x = nhwc_to_unit_range(pixels)
         self.step += 1
-        return x, labels
+        return self.split(x, labels)

@@ -58,12 +58,13 @@ def choose_loader(requested: str, dataset, device: torch.device) -> tuple[str, s
 
 def build_stream(requested: str, dataset, batch_size: int, *, seed: int = 0, start_step: int = 0,
                  device: str | torch.device = "cpu", workers: int = 0, rank: int = 0,
-                 world_size: int = 1) -> Stream:
-    """The loader `choose_loader` picks, logged once with the reason."""
+                 world_size: int = 1, shots: int = 0) -> Stream:
+    """The loader `choose_loader` picks, logged once with the reason. `shots` K > 0: each batch also
+    brings K other images of each sample's class (K-shot class codes, `Stream`)."""
     device = torch.device(device)
     name, why = choose_loader(requested, dataset, device)
     log.info("loader %s: %s", name, why)
-    common = dict(seed=seed, start_step=start_step, rank=rank, world_size=world_size)
+    common = dict(seed=seed, start_step=start_step, rank=rank, world_size=world_size, shots=shots)
     if name == "torch":
         return BatchStream(dataset, batch_size, num_workers=workers, pin_memory=device.type == "cuda", **common)
     if name == "gpu-cache":

@@ -1,12 +1,17 @@
 """The embedded synthetic dataset: shapes with a class identity and known content factors (SPEC §6).
 
-A class ("identity") is a shape, a texture and a colour. Class c gets shape `c % 12`, texture
-`(c + c // 12) % 4` and a hue stepped by the golden ratio, so classes differ by (shape, texture) up
-to 48 classes and by colour beyond, and any num_classes >= 2 works.
+Two families (`family=`, the trainer's `--synthetic-family`):
+- "scheme" (the default): a class ("identity") is a shape, a texture and a colour. Class c gets shape
+  `c % 12`, texture `(c + c // 12) % 4` and a hue stepped by the golden ratio, so classes differ by
+  (shape, texture) up to 48 classes and by colour beyond, and any num_classes >= 2 works.
+- "shape" (issue 23): a class is the shape alone, `SHAPES[c]` (so 2..12 classes); colour (hue) and
+  texture are drawn per image like the pose, and are two more content factors: a model must carry
+  them in the content code and take only the outline from the class code.
 
 An image's content is its pose and lighting, drawn per index: centre (cx, cy) and scale in image
 units (the image spans [-1, 1]), rotation in radians, background grey level and the direction of a
-linear lighting gradient. `factors(index)` returns them, so disentanglement can be measured exactly.
+linear lighting gradient; in the shape family also hue in [0, 1) and the texture's index in
+TEXTURES. `factors(index)` returns them, so disentanglement can be measured exactly.
 
 Images are rendered analytically from signed distances on a coordinate grid (coverage = a one-pixel
 ramp across the edge, which anti-aliases), at any resolution, and rounded to 8-bit levels like
@@ -24,6 +29,8 @@ import torch
 from .transforms import DataError
 
 FACTOR_NAMES = ["cx", "cy", "scale", "rotation", "background", "light"]
+SHAPE_FACTOR_NAMES = FACTOR_NAMES + ["hue", "texture"]  # the shape family's: texture as its index
+FAMILIES = ("scheme", "shape")
 SPLITS = {"train": 0, "val": 1, "test": 2}  # each split is its own seed stream
 TEXTURES = ["plain", "stripes", "checker", "dots"]
 _PERIOD = 0.5  # texture period, in shape units (the shape's radius is about 1)
@@ -114,13 +121,19 @@ def _identity(c: int) -> tuple[str, str, float]:
 
 class SyntheticDataset:
     """`num_classes * per_class` images; index i has label `i // per_class`. Deterministic from
-    (seed, split, index) in every process; `get` ignores its generator (no augmentation)."""
+    (seed, split, index) in every process; `get` ignores its generator (no augmentation).
+    `family`: "scheme" (class = shape, texture, colour) or "shape" (class = shape; see the module)."""
 
-    factor_names = FACTOR_NAMES
     augmented = False  # no flip/crop: they would falsify the factors
 
     def __init__(self, image_size: int = 64, num_classes: int = 8, per_class: int = 256, seed: int = 0,
-                 split: str = "train"):
+                 split: str = "train", family: str = "scheme"):
+        if family not in FAMILIES:
+            raise DataError(f"--synthetic-family {family!r} is unknown; use one of {', '.join(FAMILIES)}")
+        if family == "shape" and num_classes > len(SHAPES):
+            raise DataError(f"--synthetic-classes {num_classes} with --synthetic-family shape: a class is one of "
+                            f"the {len(SHAPES)} shapes; pass --synthetic-classes {len(SHAPES)} or fewer, or "
+                            f"--synthetic-family scheme for more classes")
         if num_classes < 2:
             raise DataError(f"--synthetic-classes {num_classes}: found {num_classes} class(es); G2G "
                             f"needs at least 2, pass --synthetic-classes 2 or more")
@@ -131,14 +144,16 @@ class SyntheticDataset:
         if image_size < 1:
             raise DataError(f"image_size must be >= 1, got {image_size}")
         self.image_size, self.num_classes, self.per_class = image_size, num_classes, per_class
-        self.seed, self.split = seed, split
+        self.seed, self.split, self.family = seed, split, family
+        self.factor_names = FACTOR_NAMES if family == "scheme" else SHAPE_FACTOR_NAMES
         self.labels = [i // per_class for i in range(num_classes * per_class)]
         self.class_names = [self.identity(c) for c in range(num_classes)]
         self.skipped: list[str] = []  # nothing can be unreadable; kept for the common interface
 
-    @staticmethod
-    def identity(c: int) -> str:
-        """Name of class c, e.g. 'star/stripes/h0.85'."""
+    def identity(self, c: int) -> str:
+        """Name of class c: e.g. 'star/stripes/h0.85' (scheme family), 'star' (shape family)."""
+        if self.family == "shape":
+            return SHAPES[c]
         shape, texture, hue = _identity(c)
         return f"{shape}/{texture}/h{hue:.2f}"
 
@@ -150,7 +165,13 @@ class SyntheticDataset:
         # SeedSequence mixes (seed, split, index) into independent, platform-stable streams.
         index = range(len(self))[index]  # IndexError out of range, like a list
         seq = np.random.SeedSequence([self.seed % 2**63, SPLITS[self.split], index])
-        r = np.random.default_rng(seq).random(6)
+        # The shape family draws two more from the same stream, after the six: a stream's first
+        # draws do not depend on how many follow, so both families share the pose of an index.
+        r = np.random.default_rng(seq).random(len(self.factor_names))
+        extra = [] if self.family == "scheme" else [
+            r[6],                          # hue in [0, 1) (circular: 1 is 0)
+            int(r[7] * len(TEXTURES)),     # texture: an index into TEXTURES, uniform
+        ]
         return torch.tensor([
             -0.4 + 0.8 * r[0],            # cx
             -0.4 + 0.8 * r[1],            # cy
@@ -158,13 +179,20 @@ class SyntheticDataset:
             math.pi * (2 * r[3] - 1),     # rotation, radians in [-pi, pi)
             0.12 + 0.45 * r[4],           # background grey: darker than the (bright) foregrounds
             math.pi * (2 * r[5] - 1),     # light: direction of the brightness gradient
+            *extra,
         ], dtype=torch.float32)
 
     def render(self, index: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """uint8 (3, S, S) image of `index`, computed on `device`. On a GPU, transcendental
         functions may round differently from the CPU: a few pixels can differ by one level."""
-        shape, texture, hue = _identity(self.labels[index])
-        cx, cy, scale, rot, bg, light = self.factors(index).tolist()
+        f = self.factors(index).tolist()
+        cx, cy, scale, rot, bg, light = f[:6]
+        # Hue and texture are the factors' where they have them (the shape family; the float32
+        # hue, so the image shows exactly what factors() reports), else the class's scheme.
+        if len(f) == len(SHAPE_FACTOR_NAMES):
+            shape, texture, hue = SHAPES[self.labels[index]], TEXTURES[int(f[7])], f[6]
+        else:
+            shape, texture, hue = _identity(self.labels[index])
         x, y = _grid(self.image_size, str(torch.device(device)))
         # Into the shape's frame: translate, rotate by -rot, divide by scale.
         dx, dy = (x - cx) / scale, (y - cy) / scale

@@ -103,7 +103,7 @@ class GlobalAvgPool(nn.Module):
     aten turns a 1x1 adaptive pool into a mean over H, W on every device; the mean's backward
     expands the (B, C) gradient and writes it NCHW. Over `pixel_rows`' view the same expansion
     comes out channels_last. fp32 accumulation and output: a statistic is reduced in fp32 (the 1x1 conv
-    after it casts it to its autocast dtype)."""
+    after it casts it to its autocast dtype). The same mean as COCO-FUNIT's content pool (`global_mean`)."""
 
     def __init__(self, output_size: int = 1):
         super().__init__()
@@ -111,10 +111,22 @@ class GlobalAvgPool(nn.Module):
             raise ValueError(f"GlobalAvgPool: only output size 1, got {output_size}")
 
     def forward(self, x):
-        dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype  # (float64 stays)
-        rows = pixel_rows(x)
-        pooled = rows.mean(1, dtype=dtype) if rows is not None else x.mean((2, 3), dtype=dtype)
-        return pooled[:, :, None, None]
+        return global_mean(x)[:, :, None, None]
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """`ref.global_mean` (fp32 mean over pixels, (B, C)) over `pixel_rows`' view of a channels_last
+    input, so that its backward writes a channels_last gradient."""
+    dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype  # (float64 stays)
+    rows = pixel_rows(x)
+    return rows.mean(1, dtype=dtype) if rows is not None else x.mean((2, 3), dtype=dtype)
+
+
+class ContentConditioning(ref.ContentConditioning):
+    """COCO-FUNIT's conditioning (the reference's MLPs and product) with the content code's pool
+    keeping channels_last in its backward: the content code's gradient from it adds to the
+    decoder's without an NCHW tensor."""
+    pool = staticmethod(global_mean)
 
 
 class Conv2dBlock(ref.Conv2dBlock):
@@ -214,13 +226,16 @@ class Decoder(ref.Decoder):
 
 class Generator(Switchable, ref.Generator):
     """FUNIT's FewShotGen with fused norms; methods (encode_content, encode_class, decode,
-    forward) are the reference's. `impl` ("auto" | "triton" | "ref") goes to every adain call
-    and may be changed after construction (`gen.impl = "ref"`), as may `gen.dec.subpixel`.
+    forward) are the reference's, and so is COCO-FUNIT's conditioning (`coco_bias_dim`) but for its
+    pool. `impl` ("auto" | "triton" | "ref") goes to every adain call and may be changed after
+    construction (`gen.impl = "ref"`), as may `gen.dec.subpixel`.
     """
+
+    conditioning_class = ContentConditioning
 
     def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
                  n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None,
-                 impl: str = "auto", subpixel: bool = False):
+                 coco_bias_dim=0, impl: str = "auto", subpixel: bool = False):
         nn.Module.__init__(self)
         # Same construction and init order as the reference, so a seed gives the same weights.
         self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
@@ -229,6 +244,7 @@ class Generator(Switchable, ref.Generator):
         self.mlp = ref.MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
         for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
             ref.init_kaiming(part)
+        self.coco = self.conditioning(coco_bias_dim, nf_mlp)  # last, as in the reference
         self.impl = impl
 
 

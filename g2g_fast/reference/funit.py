@@ -205,15 +205,51 @@ class LinearBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cin, cout, dim, n_blk):
+    """`n_blk` linear layers, ReLU between them; `out_act` on the last (FUNIT's: none)."""
+
+    def __init__(self, cin, cout, dim, n_blk, out_act="none"):
         super().__init__()
         layers = [LinearBlock(cin, dim, "relu")]
         layers += [LinearBlock(dim, dim, "relu") for _ in range(n_blk - 2)]
-        layers.append(LinearBlock(dim, cout, "none"))
+        layers.append(LinearBlock(dim, cout, out_act))
         self.model = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.model(x.flatten(1))
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C): the mean over pixels, accumulated and returned in fp32 under
+    autocast (a statistic; float64 stays float64)."""
+    dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    return x.mean((2, 3), dtype=dtype)
+
+
+class ContentConditioning(nn.Module):
+    """COCO-FUNIT's content-conditioned style code (Saito et al. 2020), applied at decode time.
+
+    `forward(content, class_code)` = mlp_style([class_code | style_bias]) * mlp_content(mean of
+    the content code over its pixels): the class code that goes on to FUNIT's MLP, computed for
+    the content code being decoded. `style_bias` (1, bias_dim) is COCO-FUNIT's learned constant
+    ("universal") style bias, randn-initialised; both MLPs are 2 linear layers (hidden width
+    `hidden`), each followed by a ReLU as in NVIDIA's implementation (imaginaire's MLP activates
+    its last layer too), so both factors are non-negative. The swapped class code stays the class
+    encoder's output.
+    """
+
+    pool = staticmethod(global_mean)  # the fast model's subclass keeps channels_last in its backward
+
+    def __init__(self, content_dim: int, style_dim: int, hidden: int, bias_dim: int):
+        super().__init__()
+        self.style_bias = nn.Parameter(torch.randn(1, bias_dim))
+        self.mlp_content = MLP(content_dim, style_dim, hidden, 2, out_act="relu")
+        self.mlp_style = MLP(style_dim + bias_dim, style_dim, hidden, 2, out_act="relu")
+
+    def forward(self, content: torch.Tensor, class_code: torch.Tensor) -> torch.Tensor:
+        c = self.mlp_content(self.pool(content))
+        code = class_code.flatten(1)
+        bias = self.style_bias.expand(code.shape[0], -1)
+        return self.mlp_style(torch.cat([code, bias], 1)) * c
 
 
 def init_kaiming(module: nn.Module) -> None:
@@ -233,10 +269,16 @@ class Generator(nn.Module):
     `content_dim` > 0: the content code has that many channels (a 1x1 conv at the content
     encoder's end, `enc_content.model.{n_downs_content + 2}`, and one at the decoder's start,
     `dec.content_in`); 0 keeps FUNIT's code and its 58-key layout exactly.
+    `coco_bias_dim` > 0: COCO-FUNIT's content conditioning of the class code before the MLP
+    (`coco`, a `ContentConditioning` with a style bias of that size; keys `coco.*` after FUNIT's,
+    which keep their values for a seed); 0 = FUNIT.
     """
 
+    conditioning_class = ContentConditioning  # the fast model's subclass swaps in its own (same keys)
+
     def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
-                 n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None):
+                 n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None,
+                 coco_bias_dim=0):
         super().__init__()
         self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
         self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, content_dim)
@@ -244,6 +286,16 @@ class Generator(nn.Module):
         self.mlp = MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
         for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
             init_kaiming(part)
+        self.coco = self.conditioning(coco_bias_dim, nf_mlp)
+
+    def conditioning(self, bias_dim: int, hidden: int) -> ContentConditioning | None:
+        """COCO-FUNIT's conditioning, built (and kaiming-initialised, its bias randn) after
+        everything else so FUNIT's parts draw the same weights with or without it; None if 0."""
+        if not bias_dim:
+            return None
+        coco = self.conditioning_class(self.enc_content.code_dim, self.enc_class_model.out_dim, hidden, bias_dim)
+        init_kaiming(coco)  # the linears; style_bias keeps its randn
+        return coco
 
     def encode_content(self, x):
         """(B, 3, H, W) -> content code (B, content_dim or nf * 2^downs, H / 2^downs, W / 2^downs)."""
@@ -254,6 +306,8 @@ class Generator(nn.Module):
         return self.enc_class_model(x)
 
     def decode(self, content, class_code):
+        if self.coco is not None:  # COCO-FUNIT: the class code conditioned on this content code
+            class_code = self.coco(content, class_code)
         return self.dec(content, self.mlp(class_code))
 
     def forward(self, x_content, x_class):

@@ -92,6 +92,23 @@ def split_batch(x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
     return _SplitBatch.apply(x, n)
 
 
+def mean_class_code(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K, D) class codes, K images per class -> (N, D): the K-shot class code, their mean, in fp32
+    under low precision (a statistic). The one definition training (`class_shots`), `evaluate
+    --k-shot`, `translate` and the Python API use."""
+    dtype = torch.float32 if codes.dtype in (torch.bfloat16, torch.float16) else codes.dtype
+    return codes.mean(1, dtype=dtype)
+
+
+def shot_class_codes(model, shots: torch.Tensor, k: int) -> torch.Tensor:
+    """K-shot class codes in training: `shots` (N * K, 3, H, W), image j's K images at rows
+    j*K ... j*K + K-1 (the loaders' order) -> (N, D). One batched E_B call over all N * K images."""
+    if k < 1 or shots.shape[0] % k:
+        raise ValueError(f"{shots.shape[0]} shot images do not split into groups of K = {k}")
+    codes = model.encode_class(shots)
+    return mean_class_code(codes.view(shots.shape[0] // k, k, *codes.shape[1:]))
+
+
 def _encode(model, x1, x2):
     """Both encoders once over [x1; x2]; returns (content1, content2, class1, class2)."""
     x = torch.cat([x1, x2])

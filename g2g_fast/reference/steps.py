@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..config import BaseConfig, CycleFunitConfig, Funit2FunitConfig, NaiveConfig
 from .backend import ReferenceBackend, ema_update  # noqa: F401  (re-exported: callers import them from here)
 from .funit import init_generator
-from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs
+from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs, shot_class_codes
 from .identity import IdentityEncoder
 from .losses import code_cycle, feature_matching, hinge_d_fake, hinge_d_real, hinge_g, l1, lsgan, r1_penalty
 from .vgg import VGGPerceptual, perceptual_l1
@@ -157,16 +157,28 @@ class Approach:
             scaler.step(opt)
             scaler.update()
 
-    def d_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def class_codes(self, y: torch.Tensor, shots: torch.Tensor | None):
+        """Stage 1's class codes (b1, b2) with K-shot class codes in training (`class_shots` K):
+        each image's is the mean of E_B over its K shot images (other images of its class), paired
+        as the images are; None without (E_B of each image itself). Used for the mixes, the short
+        reconstructions and D's fakes; the reassembly encodes each mix alone (g2g_forward)."""
+        k = getattr(self.cfg, "class_shots", 0)
+        if not k:
+            return None
+        codes = shot_class_codes(self.gen, shots, k)
+        b1, _, b2, _ = make_pairs(codes, y, self.cfg.pairing)
+        return b1, b2
+
+    def d_step(self, x: torch.Tensor, y: torch.Tensor, shots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
         with self.autocast():
             with torch.no_grad():
-                o = disassemble(self.gen, x1, x2)
+                o = disassemble(self.gen, x1, x2, class_codes=self.class_codes(y, shots))
             loss, terms = self.d_loss(x, y, x1, y1, x2, y2, o.m1, o.m2)
         self._update(loss, self.opt_d, self.scaler_d)
         return {**{k: v.detach().float() for k, v in terms.items()}, "d_total": loss.detach().float()}
 
-    def g_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def g_step(self, x: torch.Tensor, y: torch.Tensor, shots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
         # D's weight gradients in the G step would be discarded by the next D step: not
         # computing them is exact and saves that work (SPEC §7).
@@ -174,7 +186,7 @@ class Approach:
             self.dis.requires_grad_(False)
         try:
             with self.autocast():
-                o = g2g_forward(self.gen, x1, x2, short=self.uses_short)
+                o = g2g_forward(self.gen, x1, x2, short=self.uses_short, class_codes=self.class_codes(y, shots))
                 loss, terms = self.g_loss(o, y1, y2)
             self._update(loss, self.opt_g, self.scaler_g)
         finally:
@@ -182,16 +194,29 @@ class Approach:
                 self.dis.requires_grad_(True)
         return {**{k: v.detach().float() for k, v in terms.items()}, "g_total": loss.detach().float()}
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, timer=None) -> dict[str, torch.Tensor]:
-        """D step, G step, EMA. `timer(name)` (optional) is a context manager timing each phase."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, timer=None, shots: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """D step, G step, EMA. `timer(name)` (optional) is a context manager timing each phase.
+        `shots` (B * K, 3, H, W): with `class_shots` K > 0, the K other images of each image's
+        class (image j's at rows j*K ... j*K + K-1, as the loaders deliver them)."""
         timer = timer or (lambda name: contextlib.nullcontext())
         x = x.contiguous(memory_format=self.backend.memory_format)
+        k = getattr(self.cfg, "class_shots", 0)
+        if k:
+            if shots is None or shots.shape[0] != k * x.shape[0] or shots.shape[1:] != x.shape[1:]:
+                got = "none" if shots is None else f"shape {tuple(shots.shape)}"
+                raise ValueError(f"class_shots={k}: train_step needs the K-shot images, shots of shape "
+                                 f"{(k * x.shape[0], *x.shape[1:])} (a loader built with shots={k} delivers "
+                                 f"them); got {got}")
+            shots = shots.contiguous(memory_format=self.backend.memory_format)
+        elif shots is not None:
+            raise ValueError("shots given, but the config has class_shots=0")
         losses = {}
         if self.dis is not None:
             with timer("D"):
-                losses.update(self.d_step(x, y))
+                losses.update(self.d_step(x, y, shots))
         with timer("G"):
-            losses.update(self.g_step(x, y))
+            losses.update(self.g_step(x, y, shots))
         if self.gen_ema is not None:
             with timer("ema"):
                 self.backend.ema_update(self.gen_ema, self.gen, self.cfg.ema_beta)
