@@ -256,3 +256,5 @@ def test_short_reconstruction_factor_errors_bound_what_a_mix_can_keep(setup):
         assert lost["recon_short_factor_error"][f] > 0.5 > exact["recon_short_factor_error"][f], f
     assert exact["probe_content_error"] == pytest.approx(
         sum(exact["probe_content_factor_error"].values()) / len(exact["probe_content_factor_error"]), rel=1e-5)
+    row = "| short reconstructions per factor (std units) | vs own image / probe on real | cx "
+    assert row in M.format_table(exact)
