@@ -246,17 +246,3 @@ def test_translate_evaluate_and_training_form_the_k_shot_code_alike():
     torch.testing.assert_close(api, training, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(evaluate, training, rtol=1e-6, atol=1e-6)
 
-
-def test_fast_iteration_with_shots_keeps_channels_last():
-    """The layout audit (tests/test_audit.py) of one bf16 fast iteration with K-shot class codes:
-    the shot images' batched E_B call and the mean add no NCHW activation, gradient or low-precision
-    statistic."""
-    from g2g_fast import audit
-    a, x, y = audit.build("funit2funit", "fast", "bf16", arch={**audit.TINY["funit2funit"], "class_shots": 2})
-    x = x.contiguous(memory_format=a.backend.memory_format)
-    shots = torch.rand(2 * x.shape[0], *x.shape[1:], generator=torch.Generator().manual_seed(2)) * 2 - 1
-    tracer = audit.Tracer(audit.param_shapes(a), channels_last=True)
-    with tracer, audit._anomaly():
-        a.train_step(x, y, shots=shots)
-    assert tracer.ops["convolution"].calls
-    assert not tracer.findings, audit.format_findings(tracer)
