@@ -249,6 +249,7 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
     # seed: the (first) training seed; data_seed, eval_seed: the evaluation's, the same for every run
     report = {"mode": mode_of(args), "steps": steps.pop() if len(steps) == 1 else None, "seed": args.seed,
               "data_seed": args.data_seed, "eval_seed": args.eval_seed, "data": opts.data,
+              "synthetic_family": opts.synthetic_family if opts.data == "synthetic" else None,
               "image_size": first.cfg.image_size, "heldout": prepared[first.cfg.image_size][4],
               "samples": args.samples,
               "device": device.type + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"

@@ -194,9 +194,12 @@ def test_answer_says_which_loss_changes_what_beyond_the_spread():
     effects = (f"- without long feature matching (fml_w), no_long_fm vs all_on: swap acc +0.033 (spread 0.100: "
                f"within{p}); content err +0.700 (spread 0.755: within{', p 0.25' if p else ''})")
     assert any(ln.startswith(effects) for ln in lines), lines
+    for entry in report["variants"].values():  # the per-factor targets: background and scale met
+        for run in entry["runs"].values():
+            run["metrics"]["content_factor_error"] = {"background": 0.3, "scale": 0.4}
     table = R.format_report({**report, "answer": lines, "targets": R.targets(report)})
     assert "| all_on | - | 0.2000 ± 0.0000 |" in table and "0.6000 ± 0.1000" in table
-    assert "no_long_rec 3/3 (3 within 10 min)" in table and "all_on 0/3" in table  # swap >= 0.85 and fast
+    assert "no_long_rec 3/3 (3 within 10 min)" in table and "all_on 0/3" in table  # swap >= 0.9 and fast
 
 
 def test_answer_no_and_not_answered():
@@ -219,3 +222,20 @@ def test_repeated_sweeps_add_variants_and_bundles_set_several_keys():
     assert list(variants) == ["class_shots_0", "class_shots_4", "class_shots_4+class_encoder_coco"]
     assert variants["class_shots_4+class_encoder_coco"].sets == ["class_shots=4", "class_encoder=coco"]
     assert variants["class_shots_0"].sets == ["class_shots=0"]
+
+
+def test_targets_follow_the_synthetic_family_and_read_single_factors():
+    good = {"swap_acc": 0.92, "swap_kept_acc": 0.01, "content_error": 0.3, "leak_class_from_content_acc": 0.2,
+            "content_factor_error": {"background": 0.3, "scale": 0.4}}
+    scale_off = {**good, "content_factor_error": {"background": 0.3, "scale": 0.9}}
+    runs = {"0": {"status": "ok", "metrics": good, "train_s": 500}, "1": {"status": "ok", "metrics": scale_off,
+                                                                         "train_s": 700}}
+    report = {"variants": {"v": {"runs": runs}}, "synthetic_family": "scheme"}
+    assert R.targets(report)["v"] == {"metrics_met": 1, "metrics_and_time_met": 1, "runs": 2}
+    assert R.targets({**report, "synthetic_family": "shape"})["v"]["metrics_met"] == 2  # swap and kept only
+    assert R.metric_value(good, "content_factor_error.scale") == 0.4 and R.metric_value(good, "nope.x") is None
+    shape = fake_report({"v": [0.85, 0.9]})
+    shape["synthetic_family"] = "shape"
+    text = R.format_report({**shape, "targets": R.targets(shape)})
+    assert "v 2/2 (2 within 10 min)" in text
+    assert "Issue-23 demo targets, shape family (swap_acc >= 0.8, swap_kept_acc <= 0.05;" in text

@@ -62,7 +62,7 @@ def test_seeds_give_runs_statistics_and_one_curve_per_variant(tmp_path, capsys):
         assert r["spread"] == pytest.approx(max(off[r["metric"]]["std"], on[r["metric"]]["std"]))
         assert r["exceeds"] == (abs(r["delta"]) > r["spread"])
     table = (out / "ablation.md").read_text()
-    assert " ± " in table and report["answer"][0] in table and "Issue-15 demo targets" in table
+    assert " ± " in table and report["answer"][0] in table and "Issue-23 demo targets, scheme family" in table
     # Welch's t-test of no_long_rec against all_on: every headline metric and factor (test_ablate_welch.py)
     tested = {t["metric"] for t in report["comparison"]["tests"]}
     assert {"swap_acc", "recon_long_psnr", "content_factor_error.cx", "content_factor_error_to_class.light"} \
