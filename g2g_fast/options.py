@@ -64,19 +64,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "naive": dict(code_dim=64, gen_channels=64),
     },
     "gpu": {"trainer": {}, "common": {}, "funit2funit": {}, "cyclefunit": {}, "naive": {}},
-    # "demo" (`--preset demo`, issue 15): small images, widths and schedule for a run that shows the
-    # class swap within 10 minutes on 2 CPU cores, with learning curves (--eval-every). The cpu
-    # preset's widths at 32x32 (1400 steps + 8 evaluations: ~9 minutes on one core), and for
-    # FUNIT2FUNIT what the search measured best (docs/demo_search.md, one seed each): an 8x8
-    # content code (n_downs_content 2, not FUNIT's 3, which leaves 4x4 at 32 px; content error
-    # 0.57 vs 0.82 with 4x4), narrowed to 4 channels (class leakage 0.46 vs 0.75) and a short
-    # reconstruction weight of 3 (FUNIT's 0.1 kept less content). Not yet at every target.
+    # "demo" (`--preset demo`, issues 15 and 23): small images, widths and schedule for a run that shows
+    # the class swap within about 10 minutes on 2 CPU cores, with learning curves (--eval-every). The cpu
+    # preset's widths at 32x32 (1400 steps + 8 evaluations), and for FUNIT2FUNIT what the searches
+    # measured best (docs/demo_search.md, docs/evaluation.md, 3 seeds): an 8x8 content code (n_downs_content
+    # 2, not FUNIT's 3, which leaves 4x4 at 32 px) narrowed to 4 channels, K-shot class codes in training
+    # (class_shots 4: the class code no longer carries the class image's background) and a short
+    # reconstruction weight of 10. "demo-paper" is the same run with the paper's single-image class codes
+    # and issue 15's r_w 3 (the demo before issue 23).
     "demo": {
         "trainer": dict(steps=1400, sample_every=200, ckpt_every=200, log_every=20, eval_every=200),
         "common": dict(image_size=32, batch_size=8),
         "funit2funit": dict(nf=8, nf_mlp=64, latent_dim=16, dis_nf=8, dis_n_res_blks=6,
                             ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4,
-                            n_downs_content=2, content_dim=4, r_w=3.0),
+                            n_downs_content=2, content_dim=4, class_shots=4, r_w=10.0),
         # CycleFUNIT gets FUNIT2FUNIT's content code, so that `ablate --approaches` compares the
         # approaches' wiring and losses, not two sizes of content code (docs/evaluation.md).
         "cyclefunit": dict(nf=8, nf_mlp=64, latent_dim=16, patch_nf=16, ema_beta=0.99,
@@ -84,6 +85,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "naive": dict(code_dim=64, gen_channels=64),
     },
 }
+# The paper's single-image class codes at the demo's scale: the demo preset of issue 15.
+PRESETS["demo-paper"] = {**PRESETS["demo"], "funit2funit": {**PRESETS["demo"]["funit2funit"], "class_shots": 0,
+                                                             "r_w": 3.0}}
 
 # CLI flag -> (where it goes, key). "cfg" keys belong to the approach config.
 FLAG_TARGETS = {
@@ -126,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--approach", choices=sorted(CONFIGS), help="which G2G approach (default: funit2funit)")
     a("--preset", choices=sorted(PRESETS), help="the embedded defaults that flags, --config and --set "
       "override: cpu (small, minutes on a CPU), gpu (the paper's configuration), demo (32x32 with "
-      "--eval-every curves, sized for about 10 minutes on 2 CPU cores; docs/demo_search.md) (default: "
+      "--eval-every curves, sized for about 10 minutes on 2 CPU cores, K-shot class codes; docs/evaluation.md), "
+      "demo-paper (the demo with the paper's single-image class codes) (default: "
       "gpu with a CUDA GPU, else cpu; with --resume the checkpoint's settings replace the preset)")
     a("--data", help=f"'synthetic' or a dataset folder (default: {d.data})")
     a("--data-format", choices=["auto", "folder", "celeba"], help=f"dataset layout (default: {d.data_format})")

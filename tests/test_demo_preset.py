@@ -55,3 +55,14 @@ def test_a_short_demo_run_resumes_and_plots(tmp_path, monkeypatch, caplog):
     assert evals == [2, 4]
     pytest.importorskip("matplotlib")
     assert PL.main([str(run)]) == 0 and (run / "curves.png").is_file()
+
+
+def test_demo_paper_is_the_demo_with_single_image_class_codes():
+    """issue 23: the demo adopts K-shot class codes; the paper's configuration at the demo's scale
+    stays reachable as --preset demo-paper (issue 15's demo)."""
+    demo, _, _ = resolved("--preset", "demo")
+    paper, opts, preset = resolved("--preset", "demo-paper")
+    assert preset == "demo-paper" and (demo.class_shots, paper.class_shots) == (4, 0)
+    assert (demo.r_w, paper.r_w) == (10.0, 3.0)
+    differ = {k for k in vars(demo) if getattr(demo, k) != getattr(paper, k)}
+    assert differ == {"class_shots", "r_w"} and opts.steps == 1400
