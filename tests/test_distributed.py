@@ -351,12 +351,12 @@ def worker_cli_fault(out: Path, fault: str) -> None:
 
     step = Approach.train_step
 
-    def faulty(self, x, y, timer=None):
+    def faulty(self, x, y, timer=None, shots=None):
         if os.environ["RANK"] == "1" and self.step == 1:
             if fault == "raise":
                 raise RuntimeError("injected failure on rank 1")
             time.sleep(600)
-        return step(self, x, y, timer)
+        return step(self, x, y, timer, shots=shots)
 
     Approach.train_step = faulty
     cli(cli_args(out, 4, "--dist-timeout", "5"))  # the CLI's own entry point, exit handling included
