@@ -24,7 +24,7 @@ from g2g_fast.reference.steps import build_approach
 from g2g_fast.train import main as train_main
 from g2g_fast.translate import load_generator
 from test_fast_parity import GRAD_TOL_EACH, GRAD_TOL_TOTAL, batch, grad_errors, pair, rel_err
-from test_models_fast import ARCH, CL, _excess, _scales
+from test_models_fast import ARCH, CL, _excess, _run, _scales
 from test_steps import TINY, assert_step_is_complete
 
 BIAS = 12  # a small style bias for the tiny models (COCO-FUNIT's is 1024, the default)
@@ -37,20 +37,6 @@ def _images(seed, shape=(3, 3, 40, 24), channels_last=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 0.7 + 0.1
     return x.to(memory_format=CL) if channels_last else x
-
-
-def _run(gen, xs, ys, dtype):
-    """test_models_fast's _run: encode, decode (gradients of a random-weighted sum) and forward."""
-    x, y = xs.to(dtype).clone().requires_grad_(), ys.to(dtype).clone().requires_grad_()
-    content, code = gen.encode_content(x), gen.encode_class(y)
-    out = gen.decode(content, code)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    (out * w.to(dtype)).sum().backward()
-    with torch.no_grad():
-        fwd = gen(x.detach(), y.detach())
-    res = dict(content=content, code=code, decode=out, forward=fwd, grad_x=x.grad, grad_y=y.grad)
-    res.update({f"grad {n}": p.grad for n, p in gen.named_parameters()})
-    return {k: v.detach() for k, v in res.items()}
 
 
 def test_keys_init_and_funits_layout():
