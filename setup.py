@@ -21,8 +21,9 @@ setup(
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
     extras_require={
-        # scipy in dev so the tests cover the ablation's p-values (the stats extra)
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.8"],
+        # scipy and matplotlib in dev so the tests cover the ablation's p-values (the stats extra)
+        # and the figures (the plot extra): only the CUDA and DALI tests skip without a GPU
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.8", "matplotlib>=3.7"],
         # NVIDIA DALI GPU loader (optional). NVIDIA's fused-optimiser library is never declared: the PyPI
         # package of that name is an unrelated web toolkit (it is imported only if built from source).
         "dali": ['nvidia-dali-cuda130; platform_system == "Linux"'],
@@ -30,5 +31,8 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # Welch t-test p-values in the ablation report (Student's t distribution); optional.
         "stats": ["scipy>=1.8"],
+        # FID/KID with torch-fidelity's InceptionV3 (--fid-weights); optional. Its package import needs
+        # a torchvision built for the installed torch (PyPI's pairs each torch with one torchvision).
+        "fidelity": ["torch-fidelity>=0.3"],
     },
 )

@@ -31,6 +31,7 @@ to every variant.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -44,8 +45,9 @@ import torch
 
 from . import ablate_figures as F
 from . import ablate_report as R
-from . import cpu_threads
+from . import cpu_threads, run_folder
 from . import evaluate as E
+from . import fidelity as FID
 from . import metrics as M
 from . import probes as P
 from .ablate_variants import ABLATED, APPROACHES, VARIANTS, Variant, build_variants, mode_of  # noqa: F401 (re-exported)
@@ -99,6 +101,7 @@ def build_parser() -> OneLineErrorParser:
                    help=f"training steps of each image probe (default: {P.PROBE_STEPS})")
     p.add_argument("--probe-cache", metavar="DIR", help=f"probe cache folder (default: {P.default_cache_dir()})")
     p.add_argument("--no-probe-cache", action="store_true", help="always retrain the probes")
+    FID.add_arguments(p)  # FID/KID of every run's mixes, as evaluate's (issue 24 #11)
     return p
 
 
@@ -220,7 +223,7 @@ def train_variants(plans: dict, log) -> dict | int:
     return status
 
 
-def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
+def evaluate_variants(args, plans: dict, status: dict, out: Path, log, fid=None) -> dict:
     """Evaluate every trained run on the same held-out pairs with the same probes (of --data-seed's
     data and --eval-seed, whatever seed a run trained with: evaluate's defaults, so `python -m
     g2g_fast.evaluate --checkpoint` gives a row's numbers); copy the sample grids -> the report
@@ -268,6 +271,11 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
             gen, _ = load_generator(SimpleNamespace(funit=None, checkpoint=str(plan.ckpt), raw=False, image_size=None))
             run["metrics"] = M.evaluate_model(gen.to(device), train_set, held, probes, num_classes,
                                               samples=args.samples, seed=args.eval_seed, device=device)
+            if fid is not None:  # a fidelity.Extractor (--fid-weights)
+                fid_metrics, report["fidelity"] = FID.per_class(  # the same notes for every run: warn once
+                    gen, held, fid, samples=args.fid_samples, seed=args.eval_seed, device=device,
+                    log=None if "fidelity" in report else log)
+                run["metrics"].update(fid_metrics)
             (Path(plan.opts.out) / "eval.json").write_text(json.dumps(run["metrics"], indent=2))
             grid = Path(plan.opts.out) / "samples" / f"step_{plan.opts.steps:07d}.png"
             if grid.is_file() and v not in grids:  # the first seed's grid
@@ -298,6 +306,11 @@ def evaluate_variants(args, plans: dict, status: dict, out: Path, log) -> dict:
 
 
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as hold:  # the lock on --out, taken by _main, held to the end
+        return _main(argv, hold)
+
+
+def _main(argv, hold: contextlib.ExitStack) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, passthrough = build_parser().parse_args(argv[:cut]), argv[cut + 1:]
@@ -310,7 +323,11 @@ def main(argv=None) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         if args.seeds is not None and args.seeds < 1:
             raise UsageError(f"--seeds must be a positive integer, got {args.seeds}")
+        fid = FID.from_args(args)  # before anything trains: a missing weight file is one line
         variants = build_variants(args)
+        # Before reading the variants' checkpoints: a second ablate into --out is refused (naming
+        # the PID of the first); each variant's folder is locked by its training, as any run's.
+        hold.enter_context(run_folder.lock(Path(args.out)))
         plans = plan_variants(args, variants, passthrough)
     except (UsageError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -325,7 +342,7 @@ def main(argv=None) -> int:
     if isinstance(status, int):
         return status
     try:
-        report = evaluate_variants(args, plans, status, out, log)
+        report = evaluate_variants(args, plans, status, out, log, fid)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

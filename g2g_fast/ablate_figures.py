@@ -1,5 +1,5 @@
-"""The figures of `python -m g2g_fast.ablate`: OUT/curves.png (the runs' --eval-every curves, one
-per variant) and OUT/samples.png (the first sample pairs of every variant, one labelled row each)."""
+"""The figures of `python -m g2g_fast.ablate`: OUT/curves.png (the runs' loss and --eval-every
+curves, one per variant) and OUT/samples.png (the first sample pairs of every variant, one labelled row each)."""
 from __future__ import annotations
 
 import os
@@ -40,24 +40,27 @@ def combined_grid(grids: dict[str, Path], image_size: int, out: Path) -> None:
 
 
 def write_curves(mode: str, plans: dict, out: Path, log) -> str | None:
-    """OUT/curves.png: the --eval-every curves of every run, one curve per variant (mean over its
-    seeds, min-max band) -> its name, or None (logged why) without matplotlib or evaluation rows."""
+    """OUT/curves.png: one curve per variant (mean over its seeds, min-max band) of the loss terms
+    every run logs and, with --eval-every, of the held-out evaluation -> its name, or None (logged
+    why) without matplotlib or without any metrics."""
     from . import plot
     runs, labels = [], []
     for (v, _), plan in plans.items():
         try:
             runs.append(plot.read_run(plan.opts.out))
             labels.append(v)
-        except plot.PlotError:  # no --eval-every rows (or no metrics): not drawn
+        except plot.PlotError:  # no metrics.jsonl rows at all: not drawn
             pass
     if not runs:
-        log("no curves.png: the runs have no evaluation rows (pass -- --eval-every N, or --preset demo)")
+        log("no curves.png: the runs logged no metrics")
         return None
     have = plot.loss_keys(runs)
+    what = "held-out evaluation and losses" if any(r.evals for r in runs) else \
+        "losses (no --eval-every rows: pass -- --eval-every N for the evaluation panels)"
     try:
         plot.plot_runs([r.path for r in runs], out / "curves.png", labels,
                        [k for k in CURVE_LOSSES[mode] if k in have],
-                       title=f"python -m g2g_fast.ablate ({mode}): held-out evaluation during training")
+                       title=f"python -m g2g_fast.ablate ({mode}): {what} during training")
     except plot.PlotError as e:  # matplotlib missing: everything else is written
         log(f"no curves.png: {e}")
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from . import fidelity as FID
 from . import metrics as M
 from . import welch as W
 
@@ -94,7 +95,7 @@ def variant_stats(runs: dict) -> tuple[dict, dict, dict]:
     runs. The summaries include each factor of FACTOR_KEYS as "<key>.<factor>"."""
     ok = [r for r in runs.values() if r["status"] == "ok" and r.get("metrics")]
     metrics = mean_of([r["metrics"] for r in ok]) if ok else None
-    stats = {k: summarize([r["metrics"].get(k) for r in ok]) for k in M.METRIC_KEYS
+    stats = {k: summarize([r["metrics"].get(k) for r in ok]) for k in (*M.METRIC_KEYS, *FID.SCALAR_KEYS)
              if ok and not isinstance(ok[0]["metrics"].get(k), dict)}
     for key in FACTOR_KEYS:
         for f in factors_of([r["metrics"] for r in ok], key):
@@ -327,6 +328,7 @@ def format_report(report: dict) -> str:
                       f"<run>/checkpoints/last.pt` with the same evaluation flags (the defaults are the same) gives "
                       f"a run's numbers."]
     lines += factor_table(report)
+    lines += FID.report_lines(report)  # with --fid-weights only
     lines += p_tables(report)
     if report.get("answer"):
         lines += [""] + report["answer"]

@@ -12,6 +12,7 @@ itself a valid FUNIT generator file.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -28,10 +29,39 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
+class WriteFailed(OSError):
+    """A file of the run could not be written (the disk is full, say); the message names the file
+    and the system's reason. The previous version of the file, if any, is intact."""
+
+
+# A full disk or an exhausted quota: the user frees space and resumes (docs/training.md).
+NO_SPACE = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
+def os_error_behind(exc: BaseException | None) -> OSError | None:
+    """The OSError that `exc` is or was raised from (`__cause__`, `__context__`), or None.
+    torch.save into a file whose write fails raises a RuntimeError of its zip writer ("unexpected
+    pos ...") during the handling of the OSError, which says what actually went wrong."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """'no space left on device (errno 28)'."""
+    reason = err.strerror or os.strerror(err.errno)
+    return f"{reason[:1].lower()}{reason[1:]} (errno {err.errno})"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write `state` atomically: a temp file in the same folder, fsync, then `os.replace`.
 
     A crash or kill at any moment leaves either the previous file or the new one, never a torn one.
+    A failed write (disk full, quota) removes the temp file and raises WriteFailed naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +77,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         if delay > 0:
             time.sleep(delay)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        err = os_error_behind(e)
+        if err is None:
+            raise
+        failed = WriteFailed(f"{path}: cannot write the checkpoint: {describe_os_error(err)}")
+        failed.errno = err.errno
+        raise failed from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -60,9 +97,40 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         pass
 
 
+def write_failure(exc: BaseException, out: Path, step: int) -> str | None:
+    """The one line for a run whose write failed at `step` because the disk is full (or any
+    failed checkpoint write), or None when `exc` is not such a failure: what could not be written,
+    the last good checkpoint, and how to go on. Removes the temp file a failed sample write left.
+    An OSError from elsewhere (reading the data, say) is not reported as a write."""
+    err = os_error_behind(exc)
+    if err is None or not (isinstance(exc, WriteFailed) or err.errno in NO_SPACE):
+        return None
+    for tmp in Path(out, "samples").glob(".step_*.png.tmp"):  # samples.save_png's, not renamed
+        tmp.unlink(missing_ok=True)
+    what = str(exc) if isinstance(exc, WriteFailed) else \
+        f"cannot write into --out {out}: {describe_os_error(err)}" + (f" ({err.filename})" if err.filename else "")
+    last = Path(out, "checkpoints", "last.pt")
+    good = checkpoint_step(last)
+    if good is None:
+        return f"{what} at step {step}; the last good checkpoint: none yet; free some space, then start again " \
+               f"with --overwrite"
+    return f"{what} at step {step}; the last good checkpoint: {last} (step {good}), intact; free some space, " \
+           f"then continue with --resume"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint at `path` (memory-mapped: no tensor is read), None if unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # absent, torn, not ours: no good checkpoint to name
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a g2g-fast training checkpoint (never runs pickled code)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -76,6 +144,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             if isinstance(ckpt, dict) and "gen" in ckpt else ""
         raise CheckpointError(f"{path}: not a g2g-fast training checkpoint{hint}")
     return ckpt
+
+
+def folder_message(folder: Path) -> str:
+    """The error for a folder given where a checkpoint file goes: which file inside it would do (a
+    run folder's checkpoints/last.pt, a checkpoints folder's last.pt, else its newest snapshot)."""
+    for candidate in (folder / "checkpoints" / "last.pt", folder / "last.pt"):
+        if candidate.is_file():
+            return f"{folder} is a folder; pass {candidate}"
+    snapshot = newest_snapshot(folder) or newest_snapshot(folder / "checkpoints")
+    if snapshot is not None:
+        return f"{folder} is a folder; pass a checkpoint file in it, e.g. {snapshot}"
+    return (f"{folder} is a folder, and holds no checkpoints/last.pt; pass a checkpoint file (a training "
+            f"run's OUT/checkpoints/last.pt)")
 
 
 def newest_snapshot(folder: Path, exclude: Path | None = None) -> Path | None:

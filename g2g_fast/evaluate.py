@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
-from . import cpu_threads
+from . import cpu_threads, memory_estimate
+from . import fidelity as FID
 from . import probes as P
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, build_dataset
 from .options import OneLineErrorParser, pick_device
-from .metrics import build_probes, check_k_shot, evaluate_model, format_table, load_set, spread_indices
+from .run_folder import check_out_file
+from .metrics import build_probes, check_k_shot, evaluate_model, format_table, load_set, pair_indices, spread_indices
 
 # ---- data / model setup for the CLI -------------------------------------------------------------
 
@@ -70,6 +72,33 @@ def prepare_data(data: str, *, data_format="auto", image_size=64, seed=0, synthe
                     "classes": list(ds.class_names), "resize_to": resize_to, "n_heldout": n_hold}
     identity.update(image_size=image_size, data_seed=seed, probe_train=probe_train)
     return train, held, ds.num_classes, identity, where
+
+
+# Below this many distinct held-out images behind the pairs, the CLI warns. One image's scores are
+# alike in every pair it is in, so an evaluation has about as many independent samples as images: at
+# 32, an accuracy near 0.5 has a standard error of sqrt(0.25 / 32) = 0.09, already the size of the
+# differences between ablation variants (docs/evaluation.md); with fewer, a score says more about
+# which images were held out than about the model.
+MIN_DISTINCT_IMAGES = 32
+
+
+def distinct_pair_images(held_y: torch.Tensor, samples: int, seed: int, synthetic: bool) -> tuple[int, str | None]:
+    """-> (how many distinct held-out images the `samples` pairs of `seed` come from, a warning
+    when that is below MIN_DISTINCT_IMAGES, else None)."""
+    i1, i2 = pair_indices(held_y, samples, seed)  # the pairs evaluate_model draws
+    distinct = len(set(i1.tolist()) | set(i2.tolist()))
+    if distinct >= MIN_DISTINCT_IMAGES:
+        return distinct, None
+    if len(held_y) >= MIN_DISTINCT_IMAGES:
+        fix = f"pass --samples {MIN_DISTINCT_IMAGES} or more"
+    elif synthetic:
+        fix = f"the held-out split has {len(held_y)} images; pass a larger --synthetic-per-class"
+    else:  # prepare_data holds out a fifth of a folder's images
+        fix = (f"the held-out set has {len(held_y)} images, a fifth of the dataset's; a dataset of "
+               f"{5 * MIN_DISTINCT_IMAGES} images or more gives {MIN_DISTINCT_IMAGES}")
+    return distinct, (f"warning: the {samples} pairs come from only {distinct} distinct held-out images "
+                      f"(fewer than {MIN_DISTINCT_IMAGES}): the metrics say more about these images than "
+                      f"about the model; {fix}")
 
 
 # ---- during training (`python -m g2g_fast.train --eval-every N`) -----------------------------------
@@ -160,13 +189,17 @@ def build_parser() -> OneLineErrorParser:
                    help="class codes averaged over K held-out images of the class (default: 1)")
     p.add_argument("--raw", action="store_true", help="use the raw generator instead of the EMA one")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    FID.add_arguments(p)  # --fid-weights, --fid-samples (issue 24 #11)
     return p
 
 
 def _check_args(a):
-    for name in ("samples", "probe_train", "probe_steps", "batch_size", "k_shot"):
-        if getattr(a, name) < 1:
+    for name in ("samples", "probe_train", "probe_steps", "batch_size", "k_shot", "image_size",
+                 "synthetic_per_class"):  # the last two: None when not given
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
+    if a.json:  # before the evaluation, not after it
+        check_out_file(Path(a.json), "--json", "metrics.json")
 
 
 def main(argv=None) -> int:
@@ -183,6 +216,7 @@ def main(argv=None) -> int:
             trainer, train_seed = dict(ckpt.get("trainer") or {}), ckpt["config"].get("seed")
             del ckpt
         gen, size = load_generator(args)
+        memory_estimate.check_evaluate(args, memory_estimate.generator_config(args.checkpoint), size, device)
         gen.to(device)
         pick = lambda v, key, default: v if v is not None else trainer.get(key, default)  # noqa: E731
         data = pick(args.data, "data", "synthetic")
@@ -194,16 +228,26 @@ def main(argv=None) -> int:
             synthetic_family=pick(args.synthetic_family, "synthetic_family", "scheme"),
             resize_to=trainer.get("resize_to"), samples=args.samples, probe_train=args.probe_train)
         check_k_shot(held.y, held.y, args.k_shot)  # before the probes train: a one-line error, not a traceback
+        fid = FID.from_args(args, held.y, args.k_shot)  # None unless --fid-weights
+        distinct, warning = distinct_pair_images(held.y, args.samples, args.seed, synthetic=data == "synthetic")
     except (CheckpointError, DataError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log(threads)
+    if warning:  # before the probes train, so it is seen early; a warning, not an error: it still runs
+        log(warning)
     cache = None if args.no_probe_cache else (args.probe_cache or P.default_cache_dir())
     t0 = time.time()
     probes = build_probes(train, identity, cache, seed=args.seed, log=log, steps=args.probe_steps)
     metrics = evaluate_model(gen, train, held, probes, num_classes, samples=args.samples, seed=args.seed,
                              batch=args.batch_size, device=device, k_shot=args.k_shot)
-    log(f"evaluated {args.samples} pairs{f' ({args.k_shot}-shot)' if args.k_shot > 1 else ''} in "
+    fid_info = None
+    if fid is not None:
+        fid_metrics, fid_info = FID.per_class(gen, held, fid, samples=args.fid_samples, k_shot=args.k_shot,
+                                              seed=args.seed, batch=args.batch_size, device=device, log=log)
+        metrics.update(fid_metrics)
+    log(f"evaluated {args.samples} pairs from {distinct} distinct held-out images"
+        f"{f' ({args.k_shot}-shot)' if args.k_shot > 1 else ''} in "
         f"{time.time() - t0:.1f}s")
     print(format_table(metrics))
     print(f"held-out: {where}, data seed {args.data_seed}"
@@ -214,11 +258,15 @@ def main(argv=None) -> int:
         report = {"source": args.checkpoint or args.funit, "data": data, "heldout": where,
                   "image_size": size, "num_classes": num_classes, "samples": args.samples, "seed": args.seed,
                   "data_seed": args.data_seed, "train_seed": train_seed,
-                  "k_shot": args.k_shot,
+                  "distinct_images": distinct, "k_shot": args.k_shot,
                   "generator": "raw" if args.raw else "ema", "metrics": metrics}
+        if fid_info is not None:
+            report["fidelity"] = fid_info
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        tmp = path.with_name(f".{path.name}.tmp")  # atomic: a killed write leaves no torn JSON
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, path)
         log(f"wrote {path}")
     return 0
 

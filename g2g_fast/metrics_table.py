@@ -1,6 +1,8 @@
 """The table `python -m g2g_fast.evaluate` prints from a metrics dict (`metrics.evaluate_model`)."""
 from __future__ import annotations
 
+from .fidelity import table_rows as fid_table_rows
+
 ROWS = [("reconstruction (short)", "L1 / PSNR dB", "recon_short_l1", "recon_short_psnr"),
         ("reconstruction (long, two-stage)", "L1 / PSNR dB", "recon_long_l1", "recon_long_psnr"),
         ("class swap accuracy", "mixes / probe on real", "swap_acc", "probe_class_acc"),
@@ -34,4 +36,5 @@ def format_table(metrics: dict) -> str:
         per = ", ".join(f"{k} {v:.2f} / {fmt_value(probe.get(k))}"
                         for k, v in metrics["recon_short_factor_error"].items())
         lines.append(f"| short reconstructions per factor (std units) | vs own image / probe on real | {per} |")
+    lines += fid_table_rows(metrics)  # with --fid-weights only
     return "\n".join(lines)

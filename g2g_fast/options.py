@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="images per step (per rank under torchrun), even: they form B/2 pairs "
       "(x[j], x[j+B/2]) (default: the approach's: funit2funit 8 = the original's 4 pairs, cyclefunit 4, "
       "naive 32; 8 on the CPU preset)")
-    a("--steps", type=int, help="total iterations (default: 100000 on GPU, 300 on the CPU preset)")
+    a("--steps", type=int, help="total iterations; with --resume the total, above the checkpoint's step "
+      "(default: 100000 on GPU, 300 on the CPU preset; with --resume the checkpoint's)")
     a("--out", help=f"output folder (default: {d.out})")
     a("--device", choices=["auto", "cpu", "cuda"], help=f"device (default: {d.device})")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dry-run", action="store_true", help="print the resolved configuration and exit")
     a("--sample-every", type=int, help="steps between sample grids (default: 1000; CPU preset 50)")
     a("--ckpt-every", type=int, help="steps between checkpoints (default: 1000; CPU preset 100)")
-    a("--keep-snapshots", type=int, help=f"periodic step_*.pt checkpoints kept (default: {d.keep_snapshots})")
+    a("--keep-snapshots", type=int, help=f"periodic step_*.pt checkpoints kept, 0 for none (default: {d.keep_snapshots})")
     a("--log-every", type=int, help="steps between metric lines (default: 50; CPU preset 10)")
     a("--eval-every", type=int, help="steps between evaluations of the EMA generator on held-out images "
       "(reconstruction, swap accuracy, content error, leakage; see python -m g2g_fast.evaluate), written "
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--nan-policy", choices=["stop", "skip"], help=f"on a non-finite loss: stop, or skip the update (default: {d.nan_policy})")
     a("--nan-check-every", type=int, help="steps between non-finite loss checks, each a host sync (default: 0 = "
       "every step on the reference backend, every --log-every steps on the fast one)")
-    a("--workers", type=int, help="data-loader workers (default: 0 on CPU, min(8, cores) on CUDA)")
+    a("--workers", type=int, help="data-loader workers, >= 0 (default: -1 = 0 on CPU, min(8, cores) on CUDA)")
     a("--loader", choices=["auto", "torch", "dali", "gpu-cache"],
       help=f"data loader (default: {d.loader}: on CUDA, DALI for image files when installed, else the GPU "
            "cache when the decoded data fits, else torch; torch on CPU); all give the same batches")
@@ -268,7 +269,21 @@ def resolve(args: argparse.Namespace, base: dict | None, cuda_available: bool):
         raise UsageError(str(e)) from None
     opts = TrainOptions(**trainer)
     check_options(opts)
+    if base is not None:
+        check_resume_steps(int(base.get("step", 0)), opts.steps, given="steps" in overrides)
     return cfg, opts, preset
+
+
+def check_resume_steps(done: int, steps: int, given: bool) -> None:
+    """--resume of a run at step `done` to `steps` in total. At or past it nothing would train: an
+    error (exit 2), not a 'done' line that reads as if the steps had run; `given`: whether --steps
+    came from the user (else it is the checkpoint's own)."""
+    if steps > done:
+        return
+    what = f"--steps {steps}" if given else f"its --steps {steps} (from the checkpoint)"
+    where = f"past {what}" if steps < done else f"which is {what}: nothing to train"
+    raise UsageError(f"--resume: the run is already at step {done}, {where}; pass --steps above {done} "
+                     f"to train further")
 
 
 def check_options(o: TrainOptions) -> None:
@@ -292,3 +307,12 @@ def check_options(o: TrainOptions) -> None:
     for name in ("steps", "sample_every", "ckpt_every", "log_every"):
         if getattr(o, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(o, name)!r}")
+    if o.keep_snapshots < 0:
+        raise UsageError(f"--keep-snapshots must be >= 0 (0 = no step_*.pt copies), got {o.keep_snapshots!r}")
+    if o.workers < -1:
+        raise UsageError(f"--workers must be >= 0, or -1 for the default (0 on CPU, min(8, cores) on CUDA), "
+                         f"got {o.workers!r}")
+    # keys without a flag; a bad synthetic_classes gets the dataset's own line (it needs 2 or more)
+    for name in ("synthetic_per_class", "resize_to"):
+        if getattr(o, name) is not None and getattr(o, name) < 1:
+            raise UsageError(f"--set {name}: {name} must be a positive integer, got {getattr(o, name)!r}")

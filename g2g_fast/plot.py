@@ -4,11 +4,12 @@
     python -m g2g_fast.plot runs/a runs/b --out cmp.png      # both runs' curves overlaid
     python -m g2g_fast.plot runs/abl/*/seed_* --group parent # one curve per variant: mean, min-max band
 
-Reads each run's `metrics.jsonl`: the evaluation rows that `--eval-every N` writes
-(`{"step", "eval": {...}}`) and the loss rows (every `--log-every` steps). Panels: class swap
-(swap and kept accuracy, with chance), content error of the mixes (with the probe's own error on
-real images), both leakages (class from content codes, with chance; content factors from class
-codes), reconstruction PSNR (long and short), then one panel per loss term (a moving average).
+Reads each run's `metrics.jsonl`: the loss rows every run has (every `--log-every` steps) and the
+evaluation rows that `--eval-every N` writes (`{"step", "eval": {...}}`). Panels, when some run has
+evaluation rows: class swap (swap and kept accuracy, with chance), content error of the mixes (with
+the probe's own error on real images), both leakages (class from content codes, with chance;
+content factors from class codes), reconstruction PSNR (long and short); then one panel per loss
+term (a moving average). A run without evaluation rows gets the loss panels alone.
 Runs with the same label (`--labels`, or `--group parent`: the parent folder's name) form one
 curve: the mean over those runs at the steps they all have, with a band from their minimum to
 their maximum (e.g. the seeds of one variant).
@@ -18,6 +19,7 @@ Needs matplotlib, an optional extra: `pip install -e ".[plot]"`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -60,8 +62,8 @@ class Run:
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    """A run folder -> its evaluation and loss rows; PlotError naming the path when it is not a run
-    with evaluation rows."""
+    """A run folder -> its evaluation and loss rows (either may be empty); PlotError naming the path
+    when it is not a run folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise PlotError(f"{folder}: no such run folder")
@@ -88,8 +90,6 @@ def read_run(path: str | os.PathLike) -> Run:
             terms = {k: v for k, v in row.items() if k.startswith(("g_", "d_")) and _number(v)}
             if terms:
                 run.losses.append({"step": step, **terms})
-    if not run.evals:
-        raise PlotError(f"{metrics}: no evaluation rows; train with --eval-every N to get learning curves")
     return run
 
 
@@ -167,27 +167,55 @@ def plot_runs(paths: list[str | os.PathLike], out: str | os.PathLike | None = No
     unknown = [k for k in losses if k not in available]
     if unknown:
         raise PlotError(f"--losses: no run has {', '.join(unknown)} (they have: {', '.join(available) or 'none'})")
-    out = Path(out) if out is not None else default_out(paths)
+    with_evals = any(r.evals for r in runs)
+    if not with_evals and not available:  # e.g. a run stopped before its first --log-every step
+        raise PlotError(f"{runs[0].path / 'metrics.jsonl'}: no loss or evaluation rows yet" if len(runs) == 1
+                        else f"none of the {len(runs)} runs has loss or evaluation rows in its metrics.jsonl")
+    if not with_evals and not losses:
+        raise PlotError("--losses none: no run has evaluation rows, so nothing is left to draw; drop "
+                        "--losses none, or train with --eval-every N for the evaluation panels")
+    out = check_out(Path(out) if out is not None else default_out(paths))
     if log:
         for r in runs:
             if r.skipped:
                 log(f"{r.path / 'metrics.jsonl'}: skipped {r.skipped} unreadable line(s)")
-    fig = make_figure(runs, labels, losses, title)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        bare = [str(r.path) for r in runs if not r.evals]
+        if bare:
+            log(f"{', '.join(bare)}: no evaluation rows, " + ("loss curves only" if losses else "not drawn")
+                + " (train with --eval-every N for the evaluation panels)")
+    fig = make_figure(runs, labels, losses, title, evals=with_evals)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     buf.seek(0)
     from PIL import Image
     tmp = out.with_name(f".{out.name}.tmp")
-    with Image.open(buf) as im:  # a 256-colour PNG: a third of the size, small enough to commit
-        im.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(buf) as im:  # a 256-colour PNG: a third of the size, small enough to commit
+            im.convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise PlotError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):  # a write that failed half-way leaves no stray temp file
+            tmp.unlink(missing_ok=True)
     return out
 
 
-def make_figure(runs: list[Run], labels: list[str], losses: list[str], title: str | None = None):
-    """-> the matplotlib Figure (no pyplot, no global state). Panels in order: EVAL_PANELS, then
-    one per loss term in `losses`."""
+def check_out(out: Path) -> Path:
+    """--out: a PNG file name, whose folder is a folder (checked before any drawing)."""
+    if out.is_dir():
+        raise PlotError(f"--out {out}: is a folder; give a PNG file name, e.g. {out / 'curves.png'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise PlotError(f"--out {out}: {parent} is a file, not a folder")
+    return out
+
+
+def make_figure(runs: list[Run], labels: list[str], losses: list[str], title: str | None = None,
+                evals: bool = True):
+    """-> the matplotlib Figure (no pyplot, no global state). Panels in order: EVAL_PANELS (unless
+    `evals` is False), then one per loss term in `losses`."""
     try:
         import matplotlib
         from matplotlib.figure import Figure
@@ -200,7 +228,8 @@ def make_figure(runs: list[Run], labels: list[str], losses: list[str], title: st
         groups.setdefault(label, []).append(run)
     colors = matplotlib.colormaps["tab10"].colors
     color = {g: colors[i % len(colors)] for i, g in enumerate(groups)}
-    n_panels = len(EVAL_PANELS) + len(losses)
+    eval_panels = EVAL_PANELS if evals else []
+    n_panels = len(eval_panels) + len(losses)
     ncols = min(COLUMNS, n_panels)
     nrows = -(-n_panels // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows + 0.6), layout="constrained")
@@ -220,12 +249,12 @@ def make_figure(runs: list[Run], labels: list[str], losses: list[str], title: st
             drawn = True
         return drawn
 
-    for ax, (name, series, ref) in zip(axes, EVAL_PANELS):
+    for ax, (name, series, ref) in zip(axes, eval_panels):
         drawn = False
         for key, _, style in series:
             drawn |= draw(ax, key, style)
         if ref is not None:  # the same for every run of one dataset: the first run's last value
-            value = next((r.evals[-1][ref[0]] for r in runs if ref[0] in r.evals[-1]), None)
+            value = next((r.evals[-1][ref[0]] for r in runs if r.evals and ref[0] in r.evals[-1]), None)
             if value is not None:
                 ax.axhline(value, color="0.5", ls=":", lw=1)
         if len(series) > 1 or ref is not None:  # which line style is which
@@ -243,7 +272,7 @@ def make_figure(runs: list[Run], labels: list[str], losses: list[str], title: st
         elif name == EVAL_PANELS[1][0]:
             ax.set_ylim(bottom=0)
 
-    for ax, key in zip(axes[len(EVAL_PANELS):], losses):
+    for ax, key in zip(axes[len(eval_panels):], losses):
         for g, members in groups.items():
             smoothed = []
             for r in members:

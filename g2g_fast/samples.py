@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .data.transforms import read_rgb, to_rgb
+
 GAP = 2  # pixels between images inside a block
 SEPARATOR = 6  # pixels between blocks
 
@@ -43,8 +45,12 @@ def save_png(grid: torch.Tensor | Image.Image, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     image = grid if isinstance(grid, Image.Image) else Image.fromarray(grid.numpy())
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no stray temp file beside the images
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 LABEL_H = 14  # pixels of the label band under an edge image (PIL's default font is ~11 px high)
@@ -108,16 +114,14 @@ class TableGrid:
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An image file -> (1, 3, size, size) in [-1, 1] (RGB, shorter side resized, center crop)."""
-    try:
-        with Image.open(path) as im:
-            return image_to_tensor(im, size)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    return image_to_tensor(read_rgb(path), size)  # every PIL mode by its real range (DataError)
 
 
 def image_to_tensor(im: Image.Image, size: int) -> torch.Tensor:
-    """A PIL image -> (1, 3, size, size) in [-1, 1] (RGB, shorter side resized, center crop)."""
-    im = im.convert("RGB")
+    """A PIL image -> (1, 3, size, size) in [-1, 1] (RGB, shorter side resized, center crop), every
+    mode through `to_rgb` (16-bit by its real range, where convert("RGB") would clip it; an RGB
+    image's transparent colour composited as the loaders do)."""
+    im = to_rgb(im)
     w, h = im.size
     scale = size / min(w, h)
     im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)

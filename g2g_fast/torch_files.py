@@ -28,6 +28,8 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint", flag: str
     path = Path(path)
     if not path.exists():
         raise UnreadableFile(f"{prefix}{path}: no such file")
+    if path.is_dir():  # torch.load would say only "Is a directory"
+        raise UnreadableFile(f"{prefix}{path}: is a folder; pass the {what} itself (a .pt/.pth file)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -16,23 +16,21 @@ import os
 import sys
 import time
 import traceback
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from . import cpu_threads, distributed, run_folder
+from . import cpu_threads, distributed, grad_sync, memory_estimate, run_folder
 from .backends import BACKENDS
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, set_rng_state, write_failure
 from .config import config_to_dict
 from .data import DataError, build_dataset, build_stream
 from .data.select import check_request as check_loader_request
 from .distributed import DistributedError
 from .evaluate import TrainingEvaluator
 from .options import TrainOptions, UsageError, build_parser, pick_device, read_config_file, resolve
-from .reference.g2g import g2g_forward
 from .reference.steps import build_approach
-from .samples import g2g_grid, save_png
+from .train_io import PhaseTimer, Progress, open_tensorboard, sample_pairs, save, write_samples
 
 log = logging.getLogger("g2g_fast")
 
@@ -60,121 +58,6 @@ def saved_note(out: Path, saved: int | None, start: int) -> str:
     return f"no checkpoint was written since resuming at step {start}" if start else "no checkpoint was written yet"
 
 
-class PhaseTimer:
-    """Seconds per phase: CUDA events on the GPU (read at log time), perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.events, self.totals = [], defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.totals[name] += time.perf_counter() - t0
-
-    def collect(self) -> dict[str, float]:
-        if self.events:
-            torch.cuda.synchronize()
-            for name, start, end in self.events:
-                self.totals[name] += start.elapsed_time(end) / 1000.0
-        out, self.events, self.totals = dict(self.totals), [], defaultdict(float)
-        return out
-
-
-class Progress:
-    """One status line: step, main losses, img/s, ETA. Rewritten in place on a terminal."""
-
-    def __init__(self, total: int, start: int):
-        self.total, self.start, self.t0 = total, start, time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, losses: dict[str, float], img_s: float, final: bool):
-        done = step - self.start
-        eta = (self.total - step) * (time.time() - self.t0) / max(done, 1)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in losses.items() if k.endswith("total"))
-        line = (f"step {step}/{self.total} [{100 * step / self.total:3.0f}%] {shown} | "
-                f"{img_s:.1f} img/s | ETA {format_eta(eta)}")
-        if self.tty:  # rewrite the line in place, clearing what a longer previous line left
-            print("\r" + line + "\x1b[K", end="" if not final else "\n", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-
-def format_eta(seconds: float) -> str:
-    """HH:MM:SS, with whole days in front past 24 hours (`15d 09:34:46`)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "--:--:--"
-    days, rest = divmod(int(round(seconds)), 86400)
-    hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {hms}" if days else hms
-
-
-def sample_pairs(dataset, n_pairs: int):
-    """Fixed pairs with different classes (first images of class j and j+1), eval transform."""
-    by_class = defaultdict(list)
-    for i, label in enumerate(dataset.labels):
-        by_class[label].append(i)
-    classes = sorted(by_class)
-    x1, x2 = [], []
-    for j in range(n_pairs):
-        c1, c2 = classes[j % len(classes)], classes[(j + 1) % len(classes)]
-        k = j // len(classes)
-        x1.append(dataset.get(by_class[c1][k % len(by_class[c1])], None)[0])
-        x2.append(dataset.get(by_class[c2][k % len(by_class[c2])], None)[0])
-    return torch.stack(x1), torch.stack(x2)
-
-
-@torch.no_grad()
-def write_samples(approach, pairs, path: Path, tb=None, step=0):
-    """Fig. 4 grid of the EMA generator (the raw one when there is no EMA)."""
-    gen = approach.gen_ema if approach.gen_ema is not None else approach.gen
-    was_training = gen.training
-    gen.eval()
-    x1, x2 = (p.to(approach.device) for p in pairs)
-    o = g2g_forward(gen, x1, x2)
-    gen.train(was_training)
-    grid = g2g_grid(o.x1, o.x2, o.m1, o.m2, o.r1, o.r2)
-    save_png(grid, path)
-    if tb is not None:
-        tb.add_image("samples", grid.permute(2, 0, 1), step)
-
-
-def open_tensorboard(out: Path, start_step: int = 0):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    # On resume, events logged after the checkpoint's step are purged (training repeats them).
-    return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-
-
-def save(approach, opts: TrainOptions, stream, out: Path, snapshot: bool):
-    ctx = distributed.context()
-    rng_ranks = distributed.gather_rng(rng_state(approach.device))  # a collective: every rank calls save
-    if not ctx.is_main:
-        return
-    state = {"config": config_to_dict(approach.cfg), "trainer": vars(opts).copy(),
-             "num_classes": approach.num_classes, **approach.state_dict(),
-             "rng": rng_state(approach.device), "data": {"step": stream.step}}
-    if ctx.enabled:  # what resuming on another number of ranks needs (distributed.resume_batch_size)
-        state["data"].update(world_size=ctx.world_size, global_batch=approach.cfg.batch_size * ctx.world_size)
-        state["rng_ranks"] = rng_ranks
-    ckpt_dir = out / "checkpoints"
-    save_checkpoint(ckpt_dir / "last.pt", state)
-    if snapshot and opts.keep_snapshots > 0:
-        save_checkpoint(ckpt_dir / f"step_{approach.step:07d}.pt", state)
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-opts.keep_snapshots]:
-            old.unlink()
-
-
 def batch_size_given(args) -> bool:
     """Whether the user set the batch size (flag, --set or --config), rather than the checkpoint."""
     sets = {item.split("=", 1)[0].strip() for item in args.set}
@@ -190,8 +73,19 @@ def make_backend(opts: TrainOptions):
     return BACKENDS[opts.backend]()
 
 
-def setup(argv):
-    """Parse and check everything that can be wrong with the user's input, before training."""
+def setup(argv, hold: contextlib.ExitStack | None = None):
+    """Parse and check everything that can be wrong with the user's input, before training. Rank 0
+    takes the lock on --out (`run_folder.lock`) and hands it to `hold`, to be released when the run
+    ends; without `hold` (a caller that does not train) it is released on return. On an error the
+    lock goes at once, with the folder if it was created for it."""
+    with contextlib.ExitStack() as stack:
+        ready = _setup(argv, stack)
+        if hold is not None:
+            hold.enter_context(stack.pop_all())
+        return ready
+
+
+def _setup(argv, stack: contextlib.ExitStack):
     args = build_parser().parse_args(argv)
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite and --resume: --resume continues the run in --out, --overwrite "
@@ -202,24 +96,31 @@ def setup(argv):
         ckpt = load_checkpoint(ckpt_path)
     cfg, opts, preset = resolve(args, ckpt, torch.cuda.is_available())
     out = Path(opts.out)
-    if args.dry_run:  # writes nothing, so a run in --out is only pointed out
-        if why := run_folder.refusal(out, ckpt_path, args.overwrite):
-            log.warning("note: training would stop here: %s", why)
-        print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
-        return None
+    run_folder.check_out_folder(out)
     check_loader_request(opts.loader, synthetic=opts.data == "synthetic")
     device = pick_device(opts.device)
     if opts.precision == "fp16" and device.type == "cpu":
         raise UsageError("--precision fp16 on the CPU: fp16 autocast is emulated there and runs many times "
                          "slower than fp32; use --precision fp32 or bf16 (fp16 is for CUDA GPUs)")
+    # --dry-run after the flag checks, so it fails where the run would (--device cuda without one); it
+    # writes nothing, so a run in --out is only pointed out
+    if args.dry_run:
+        if why := run_folder.refusal(out, ckpt_path, args.overwrite):
+            log.warning("note: training would stop here: %s", why)
+        print(json.dumps({"preset": preset, "config": config_to_dict(cfg), "trainer": vars(opts)}, indent=2))
+        return None
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(opts.data, data_format=opts.data_format, image_size=cfg.image_size,
                             resize_to=opts.resize_to, seed=cfg.seed, synthetic_classes=opts.synthetic_classes,
                             synthetic_per_class=opts.synthetic_per_class, synthetic_family=opts.synthetic_family)
+    memory_estimate.check_train(cfg, opts, dataset, device)  # a setting that cannot fit: refused, --out untouched
     # A run in --out is continued (--resume) or replaced (--overwrite), never mixed into. Every rank
     # checks before joining the process group, which waits for all ranks: rank 0 writes only after
     # that, so all ranks see the folder as the user left it.
     run_folder.check(out, ckpt_path, args.overwrite)
+    if distributed.env_world()[0] == 0:  # rank 0 locks --out for the run and checks again under the
+        stack.enter_context(run_folder.lock(out))  # lock: of two runs started together, one is refused
+        run_folder.check(out, ckpt_path, args.overwrite)
     # Under torchrun: join the process group (gloo on CPU, NCCL with cuda:LOCAL_RANK); else a no-op.
     ctx = distributed.init_from_env(device, opts.dist_timeout)
     device = ctx.device
@@ -242,10 +143,10 @@ def setup(argv):
         approach.load_state_dict(ckpt, source=str(ckpt_path))
         set_rng_state(ckpt["rng"], device)
         log.info("resumed from %s at step %d", ckpt_path, approach.step)
-    if opts.sync_bn and ctx.enabled and not distributed.convert_sync_batchnorm(approach.gen):
+    if opts.sync_bn and ctx.enabled and not grad_sync.convert_sync_batchnorm(approach.gen):
         log.info("--sync-bn: the %s networks have no BatchNorm; nothing to synchronise", cfg.approach)
     distributed.broadcast_state(approach.gen, approach.gen_ema, approach.dis)  # identical start on every rank
-    distributed.attach(approach)  # gradients averaged over the ranks
+    grad_sync.attach(approach)  # gradients averaged over the ranks
     distributed.seed_rank(cfg.seed, ckpt)
     if ctx.enabled:
         log.info("%d ranks (%s): batch %d per rank, global batch %d%s", ctx.world_size,
@@ -313,7 +214,7 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                 finite = torch.isfinite(torch.stack(list(losses.values()))).all()
                 all_finite = finite if all_finite is None else all_finite & finite
                 if step % check_every == 0 or step % opts.ckpt_every == 0 or final:
-                    if not bool(distributed.all_true(all_finite)):  # every rank stops together
+                    if not bool(grad_sync.all_true(all_finite)):  # every rank stops together
                         where = f"step {step}" if window_start == step else f"steps {window_start}-{step}"
                         bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
                         bad = bad or "an earlier step of the window" + (" or another rank" if ctx.enabled else "")
@@ -322,7 +223,7 @@ def train(approach, opts: TrainOptions, dataset, stream) -> None:
                     all_finite, window_start = None, step + 1
             if step % opts.log_every == 0 or final:
                 now = time.time()
-                values = {k: v.item() for k, v in distributed.mean_losses(losses).items()}  # global batch's
+                values = {k: v.item() for k, v in grad_sync.mean_losses(losses).items()}  # global batch's
                 img_s = images / max(now - t_log, 1e-9)
                 record = {"step": step, "epoch": stream.epoch, **values, "img_per_s": img_s,
                           **{f"sec_{k}": v for k, v in timer.collect().items()}, **run_info}
@@ -361,8 +262,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[g2g] %(message)s", stream=sys.stderr)
     # Before torch's first parallel region; the choice is logged once the input is checked.
     cpu_threads.setup(log.info)
+    hold = contextlib.ExitStack()  # the lock on --out (setup takes it), released when the run ends
     try:
-        ready = setup(argv)
+        ready = setup(argv, hold)
     except (UsageError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         # Bad input is reported as one line, without a traceback.
         print(f"error: {e}", file=sys.stderr)
@@ -388,12 +290,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:  # Interrupted: says at which step and what was saved
         print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as e:  # a full disk: one line naming the last good checkpoint
+        if (why := write_failure(e, Path(ready[1].out), ready[0].step)) is None:
+            raise
+        print(f"\nerror: {why}", file=sys.stderr)
+        return 1
     finally:
         try:
             if ok:  # the loader's workers / DALI pipeline now, not at garbage collection (ablate runs
                 ready[3].close()  # several trainings in one process); after a failure the process exits
         finally:
-            distributed.teardown(clean=ok)
+            try:
+                distributed.teardown(clean=ok)
+            finally:
+                hold.close()
     return 0
 
 

@@ -13,8 +13,9 @@ Outputs: `--grid PNG` the content x class table (inputs along the edges, labelle
 in PNG's .json sidecar), `--out-dir DIR` every mix as `<content>__<class>.png`, `--out PNG` (one
 content and one class image) the two-image G2G figure: row 1 the inputs, row 2 the mixes, row 3
 the two-stage reconstructions (the paper's Fig. 7), `--out-mix PNG` (one content, one class) the
-mix alone. With neither --grid nor --out-dir, translation.png gets the G2G figure for one pair,
-the table otherwise. Images are resized (shorter side) and center-cropped to the model's size.
+mix alone. With none of --grid, --out-dir, --out and --out-mix, translation.png gets the G2G
+figure for one pair, the table otherwise. Images are resized (shorter side) and center-cropped
+to the model's size.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from . import cpu_threads
+from . import cpu_threads, memory_estimate
 from .api import Translator, image_files, no_images_message, read_generator
 from .checkpoint import CheckpointError
-from .data.transforms import image_info
+from .data.transforms import image_info, image_problem
 from .options import OneLineErrorParser, pick_device
+from .run_folder import check_out_file, check_out_folder
 from .reference.g2g import g2g_forward
-from .samples import TableGrid, g2g_grid, load_image, save_png, to_uint8
+from .samples import TableGrid, g2g_grid, save_png, to_uint8
 
 DEFAULT_OUT = "translation.png"
 
@@ -55,8 +57,9 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--out-dir", metavar="DIR", help="write every mix as DIR/<content>__<class>.png (+ mixes.json)")
     p.add_argument("--out", default=None, metavar="PNG",
                    help=f"the two-image G2G figure of one content and one class image (default: {DEFAULT_OUT} "
-                        f"when neither --grid nor --out-dir is given)")
-    p.add_argument("--out-mix", metavar="PNG", help="also write the mix of one content and one class alone")
+                        f"when none of --grid, --out-dir, --out-mix is given)")
+    p.add_argument("--out-mix", metavar="PNG", help="write the mix of one content and one class alone (given "
+                                                    f"alone, the only output: no {DEFAULT_OUT})")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--image-size", type=int, default=None,
                    help="model input size (default: the checkpoint's, 128 for --funit)")
@@ -89,8 +92,12 @@ class ClassSpec:
 def _check_image(path: Path, flag: str) -> Path:
     if not path.exists():
         raise ValueError(f"{flag} {path}: no such file or folder")
-    if image_info(str(path)) is None:
+    info = image_info(str(path))
+    if info is None:
         raise ValueError(f"{flag} {path}: not a readable image (jpg, png, bmp, webp; complete)")
+    why = image_problem(str(path), info.mode)  # a mode the loaders cannot convert, found before any work
+    if why:
+        raise ValueError(f"{flag} {path}: {why}")
     return path
 
 
@@ -216,12 +223,16 @@ def _plan_outputs(args, n_contents: int, classes: list[ClassSpec]) -> bool:
                          f"content x {len(classes)} class(es) use --out-dir")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise ValueError(f"--out-dir {args.out_dir}: is a file, not a folder")
+    if args.out_dir:
+        check_out_folder(Path(args.out_dir), "--out-dir")
     for flag, path in (("--grid", args.grid), ("--out", args.out), ("--out-mix", args.out_mix)):
         if path and Path(path).is_dir():
             raise ValueError(f"{flag} {path}: is a folder; give a PNG file name")
+        if path:
+            check_out_file(Path(path), flag, "mix.png")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if not (args.grid or args.out_dir or args.out):
+    if not (args.grid or args.out_dir or args.out or args.out_mix):  # only what was asked for
         if single:
             args.out = DEFAULT_OUT
         else:
@@ -234,10 +245,13 @@ def main(argv=None) -> int:
     threads = cpu_threads.setup()
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
+        if args.image_size is not None and args.image_size < 1:
+            raise ValueError(f"--image-size must be a positive integer, got {args.image_size}")
         device = pick_device(args.device)
         gen, size = load_generator(args)
         contents, classes = resolve_contents(args.content), resolve_classes(args.klass, args.k_shot)
         figure = _plan_outputs(args, len(contents), classes)
+        memory_estimate.check_translate(args, size, len(contents), classes, figure, device)  # before any image
         model = Translator(gen, size, device, batch_size=args.batch_size, source=args.checkpoint or args.funit)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -245,7 +259,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         log(f"[g2g] {threads}")
     if figure:  # one pair: both G2G stages, as before K-shot and tables existed
-        o = translate(gen, load_image(contents[0], size).to(device), load_image(classes[0].paths[0], size).to(device))
+        o = translate(gen, model.images(contents[0]), model.images(classes[0].paths[0]))  # the API's decoding
         save_png(g2g_grid(o.x1, o.x2, o.m1, o.m2, o.r1, o.r2), args.out)
         log(f"wrote {args.out}")
         if args.out_mix:

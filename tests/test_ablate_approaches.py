@@ -9,7 +9,7 @@ from test_ablate_seeds import PROBE_FLAGS, SMALL_DATA, quick_probes  # noqa: F40
 
 def test_approaches_side_by_side_with_every_metric(tmp_path):
     """The demo preset's widths for each approach (trainer flags must suit all three), one step;
-    no --eval-every curves here (test_ablate_seeds.py has them)."""
+    no --eval-every curves here (test_ablate_seeds.py has them): curves.png has the loss panels only."""
     out = tmp_path / "cmp"
     assert A.main(["--approaches", "--out", str(out), "--steps", "1", "--device", "cpu", *PROBE_FLAGS,
                    "--probe-cache", str(tmp_path / "cache"), "--", "--preset", "demo", "--batch-size", "4",
@@ -23,6 +23,6 @@ def test_approaches_side_by_side_with_every_metric(tmp_path):
         assert all(entry["metrics"][k] is not None for k in METRIC_KEYS), (approach, entry["metrics"])
     assert "weights" not in report["variants"]["naive"]
     assert report["comparison"]["baseline"] == "funit2funit"
-    assert report["figure"] is None and not (out / "curves.png").exists()
+    assert report["figure"] == "curves.png" and (out / "curves.png").exists()  # the loss curves every run has
     table = (out / "ablation.md").read_text()
     assert "| naive | naive |" in table and "| cyclefunit | cyclefunit |" in table

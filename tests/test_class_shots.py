@@ -137,7 +137,7 @@ def test_mixes_short_reconstructions_and_fakes_use_the_k_shot_code(approach, mon
     torch.testing.assert_close(codes, want, rtol=0, atol=0)
     b1, _, b2, _ = make_pairs(codes, y)
     calls = []
-    import g2g_fast.reference.steps as steps
+    import g2g_fast.reference.approach as steps  # the shared D and G steps
     real = steps.g2g_forward
     monkeypatch.setattr(steps, "g2g_forward", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     real_dis = steps.disassemble

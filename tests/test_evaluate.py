@@ -234,8 +234,26 @@ def test_folder_dataset_holds_out_images_and_evaluates(tmp_path, capsys):
     for k in ("recon_short_l1", "recon_long_psnr", "swap_acc", "probe_class_acc", "leak_class_from_content_acc"):
         assert m[k] is not None and m[k] == m[k], k  # present and not NaN
     assert m["content_error"] is None and m["leak_factors_from_class_r2"] is None  # no ground-truth factors
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "class swap accuracy" in table and "| content error (std units) | mixes / probe on real | n/a / n/a |" in table
+    # issue 24 #6: how few images the pairs come from is said, and warned about (36 images hold out 7)
+    n = report["distinct_images"]
+    assert 2 <= n <= len(held) == 7 and f"evaluated 8 pairs from {n} distinct held-out images" in captured.err
+    assert (f"[g2g] warning: the 8 pairs come from only {n} distinct held-out images (fewer than 32): the metrics say "
+            "more about these images than about the model; the held-out set has 7 images, a fifth of the "
+            "dataset's; a dataset of 160 images or more gives 32") in captured.err.splitlines()
+
+
+def test_distinct_held_out_images_and_the_floor():
+    y = torch.arange(200) % 4
+    n, warning = E.distinct_pair_images(y, 256, 0, synthetic=True)
+    assert n == len(set(M.pair_indices(y, 256, 0)[0].tolist()) | set(M.pair_indices(y, 256, 0)[1].tolist()))
+    assert n >= E.MIN_DISTINCT_IMAGES and warning is None
+    n, warning = E.distinct_pair_images(y, 8, 0, synthetic=True)  # few pairs of many images
+    assert n <= 16 and warning.endswith(f"pass --samples {E.MIN_DISTINCT_IMAGES} or more")
+    n, warning = E.distinct_pair_images(y[:12], 256, 0, synthetic=True)  # 256 pairs of 12 images
+    assert n == 12 and "only 12 distinct held-out images" in warning and "--synthetic-per-class" in warning
 
 
 class FirstImage(Identity):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from g2g_fast.reference.funit import Discriminator, Generator, load_official_generator
+from g2g_fast.reference.funit import Generator, load_official_generator
+from g2g_fast.reference.funit_dis import Discriminator
 
 
 def n_params(m):
@@ -120,7 +121,7 @@ def test_discriminator_selects_each_samples_class_and_features_are_activated():
 
 def test_identity_shortcut_block_adds_activated_input():
     """SPEC §2: an identity-shortcut ActFirstResBlock computes lrelu(x) + residual(x)."""
-    from g2g_fast.reference.funit import ActFirstResBlock
+    from g2g_fast.reference.funit_dis import ActFirstResBlock
     blk = ActFirstResBlock(4, 4)
     x = torch.randn(2, 4, 6, 6)
     residual = blk.conv_1(blk.conv_0(x))

@@ -221,10 +221,19 @@ def test_single_pair_keeps_the_g2g_figure(files, tmp_path, monkeypatch, capsys):
     assert read("translation.png").shape == (3 * SIZE + 4, 2 * SIZE + 2, 3)   # the old default output
     # several images and no output flag: the table goes to translation.png instead
     assert main(["--checkpoint", str(ckpt), "--content", str(contents[0]), "--class", str(cat[0]), str(cat[1]),
+                 "--device", "cpu"]) == 0
+    assert Path("translation.json").exists()
+    # --out-mix alone is the only output (issue 24 #6: it overwrote ./translation.png too)
+    for name in ("translation.png", "translation.json"):
+        Path(name).unlink()
+    assert main(["--checkpoint", str(ckpt), "--content", str(contents[0]), "--class", str(cat[0]), str(cat[1]),
                  "--out-mix", "mix.png", "--device", "cpu"]) == 0
-    assert Path("translation.json").exists() and read("mix.png").shape == (SIZE, SIZE, 3)
+    assert main(["--checkpoint", str(ckpt), "--content", str(contents[0]), "--class", str(cat[0]),
+                 "--out-mix", "mix1.png", "--device", "cpu"]) == 0
+    assert sorted(os.listdir()) == ["mix.png", "mix1.png"] and read("mix.png").shape == (SIZE, SIZE, 3)
     gen, _ = read_generator(ckpt, "checkpoint")
     assert np.abs(read("mix.png") - reference_mix(gen, contents[0], cat[:2])).max() <= 1
+    assert np.abs(read("mix1.png") - reference_mix(gen, contents[0], cat[:1])).max() <= 1
 
 
 def bad_cases(d: Path, contents, cat):
@@ -250,6 +259,8 @@ def bad_cases(d: Path, contents, cat):
          "--k-shot 2: class '0' has only 1 image(s)"),
         ("--out with several contents", ["--content", c, c, "--class", k, "--out", str(d / "o.png")],
          "--out draws the G2G figure of one content and one class image"),
+        ("--image-size 0", ["--content", c, "--class", k, "--image-size", "0"],  # was read as "the default"
+         "--image-size must be a positive integer, got 0"),
     ]
 
 
@@ -261,6 +272,21 @@ def test_bad_inputs_are_one_error_line(files, tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (name, err)
         assert not grid.exists(), name
+
+
+def test_a_folder_as_the_checkpoint_names_the_file_to_pass(files, tmp_path, capsys):
+    """Issue 24 #6: a run folder or its checkpoints/ folder given to --checkpoint said 'no such
+    checkpoint file'."""
+    d, ckpt, contents, cat, dog = files
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(ckpt.read_bytes())
+    for folder in (run, run / "checkpoints"):
+        assert main(["--checkpoint", str(folder), "--content", str(contents[0]), "--class", str(cat[0]),
+                     "--out-mix", str(tmp_path / "m.png"), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {folder} is a folder; pass {run / 'checkpoints' / 'last.pt'}"]
+    assert not (tmp_path / "m.png").exists()
 
 
 def test_bad_input_in_a_fresh_process(files, tmp_path):

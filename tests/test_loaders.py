@@ -91,7 +91,7 @@ def test_plan_shards_are_disjoint_and_cover_each_epoch(world):
         assert sorted(union) == sorted(order[:per_epoch * batch * world])  # ... and cover the epoch
     # An odd per-rank batch: the ranks' contiguous slices, concatenated in rank order, are the batch
     # of one process with world*batch (even batches interleave halves to keep G2G's pairs:
-    # tests/test_distributed.py).
+    # tests/test_distributed_units.py).
     single = StepPlan(n, batch * world, seed=5)
     for step in range(3):
         assert [k for p in plans for k in p.keys(step)] == single.keys(step)

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+from PIL import Image
 
 from g2g_fast import plot as PL
 from g2g_fast.metrics import METRIC_KEYS
@@ -75,7 +76,6 @@ def test_figure_draws_each_groups_mean(tmp_path):
 
 def test_cli_writes_png_next_to_the_run(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from PIL import Image
     run = write_run(tmp_path / "run", [0.1, 0.5, 0.2])
     assert PL.main([str(run)]) == 0
     with Image.open(run / "curves.png") as im:
@@ -91,8 +91,13 @@ def test_cli_writes_png_next_to_the_run(tmp_path, capsys):
 @pytest.mark.parametrize("make, args, pattern", [
     (lambda d: None, ["{d}/nosuch"], "error: {d}/nosuch: no such run folder"),
     (lambda d: (d / "empty").mkdir(), ["{d}/empty"], "error: {d}/empty/metrics.jsonl: no such file"),
-    (lambda d: write_run(d / "noeval", []), ["{d}/noeval"],
-     "error: {d}/noeval/metrics.jsonl: no evaluation rows; train with --eval-every N"),
+    (lambda d: write_run(d / "noeval", []), ["{d}/noeval", "--losses", "none"],
+     "error: --losses none: no run has evaluation rows, so nothing is left to draw"),
+    (lambda d: write_run(d / "none", [], losses=()), ["{d}/none"], "error: {d}/none/metrics.jsonl: no loss or evaluation rows"),
+    (lambda d: write_run(d / "r", [0.1]), ["{d}/r", "--out", "{d}/r"],
+     "error: --out {d}/r: is a folder; give a PNG file name, e.g. {d}/r/curves.png"),
+    (lambda d: write_run(d / "r", [0.1]), ["{d}/r", "--out", "{d}/r/metrics.jsonl/c.png"],
+     "error: --out {d}/r/metrics.jsonl/c.png: {d}/r/metrics.jsonl is a file, not a folder"),
     (lambda d: write_run(d / "r", [0.1]), ["{d}/r", "--losses", "g_nosuch"], "error: --losses: no run has g_nosuch"),
     (lambda d: write_run(d / "r", [0.1]), ["{d}/r", "--labels", "a,b"], "error: --labels: 2 labels for 1 run"),
     (lambda d: write_run(d / "r", [0.1]), ["{d}/r", "--labels", "a", "--group", "parent"],
@@ -103,7 +108,43 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, args, pattern):
     assert PL.main([a.format(d=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(pattern.format(d=tmp_path)), err
-    assert not list(tmp_path.rglob("*.png"))
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_run_without_evaluation_rows_gets_its_loss_curves(tmp_path, capsys):
+    """Issue 24 #8: every run has loss rows; the evaluation panels come only with --eval-every."""
+    pytest.importorskip("matplotlib")
+    bare = write_run(tmp_path / "bare", [])
+    run = PL.read_run(bare)
+    assert run.evals == [] and len(run.losses) == 4
+    fig = PL.make_figure([run], ["bare"], ["g_total", "d_total"], evals=False)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["loss g_total (moving average)", "loss d_total (moving average)"]
+    assert PL.main([str(bare)]) == 0
+    with Image.open(bare / "curves.png") as im:
+        assert im.format == "PNG"
+    err = capsys.readouterr().err
+    assert f"{bare}: no evaluation rows, loss curves only (train with --eval-every N" in err and "wrote" in err
+    # beside a run with evaluation rows: the evaluation panels (its curves) and both runs' losses
+    evald = write_run(tmp_path / "evald", [0.1, 0.2, 0.3])
+    fig = PL.make_figure([run, PL.read_run(evald)], ["bare", "evald"], ["g_total"])
+    lines = lines_by_label(fig)
+    assert "evald: swap_acc" in lines and "bare: swap_acc" not in lines
+    assert "bare: g_total" in lines and "evald: g_total" in lines
+    assert PL.main([str(bare), str(evald), "--out", str(tmp_path / "both.png")]) == 0
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", [0.1])
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(PL.os, "replace", full)
+    assert PL.main([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {run / 'curves.png'}: cannot write (No space left on device)", err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
 
 
 def test_without_matplotlib_one_line_names_the_extra(tmp_path, capsys, monkeypatch):

@@ -12,9 +12,12 @@ Equal to the reference loader up to the resampler: files already at the stored s
 `resize_to`) give the same pixels for PNG and, in CPU-only mode, for JPEG (both libjpeg-turbo);
 DALI's antialiased linear resize differs from PIL's bilinear one by at most one 8-bit level on
 smooth (natural) images, more on pixel noise (up to ~10 levels at a 2x downscale); nvJPEG may
-differ from libjpeg-turbo by a level or two. Files that are not
-plain RGB or greyscale (alpha, palette with transparency, CMYK, 16-bit) are decoded once by PIL,
-exactly as the reference does, and fed to DALI as lossless PNG, so they match too.
+differ from libjpeg-turbo by a level or two. DALI's decoder takes 16-bit PNGs to 8 bits by
+rounding (PIL, and so the reference, by truncating) and ignores palette and grey/RGB transparency
+keys, so only files that store 8-bit RGB or grey without transparency
+(`transforms.decodes_as_stored`) go to DALI as they are; every other file (16-bit, alpha, palette,
+1-bit, CMYK, ...) is decoded once by PIL through `transforms.load_rgb`, exactly as the reference
+does, and fed to DALI as lossless PNG, so they match too.
 Truncated files, on which DALI would abort the pipeline, are skipped up front by the datasets'
 end-marker check (`transforms.image_info`), as they are for every loader.
 """
@@ -27,14 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .loader import Stream, nhwc_to_unit_range, plan_for, sample_augment, stored_sizes
-from .transforms import DataError, load_rgb
+from .transforms import DataError, decodes_as_stored, load_rgb
 
 log = logging.getLogger("g2g_fast")
 
 INSTALL = 'pip install -e ".[dali]"  (the nvidia-dali-cuda130 wheel)'
-# Modes DALI's decoders turn into the same RGB as `load_rgb`; anything else is re-encoded via PIL.
+# Modes DALI's decoders may turn into the same RGB as `load_rgb` (when also 8-bit without
+# transparency: `decodes_as_stored`); anything else is re-encoded via PIL.
 _DIRECT_MODES = ("RGB", "L")
 # Re-encoded PNGs are kept in host memory up to this many bytes; past it the rest are re-encoded on
 # every read (a dataset of mostly RGBA or palette files would otherwise grow without bound).
@@ -112,6 +117,7 @@ class DaliStream(Stream):
         self.batches_per_epoch, self.step = self.plan.per_epoch, start_step
         self.sizes = stored_sizes(dataset)
         self._reencoded: dict[int, np.ndarray] = {}
+        self._direct: dict[int, bool] = {}  # RGB/L files: whether DALI may decode them as they are
         self._reencoded_bytes, self._reencoded_lock, self._cache_full_logged = 0, threading.Lock(), False
         self._reencoded_budget = REENCODED_CACHE_BYTES
         self._io = ThreadPoolExecutor(max_workers=max(2, threads))
@@ -125,8 +131,13 @@ class DaliStream(Stream):
                  "GPU (nvJPEG)" if gpu else "CPU-only mode", threads)
 
     def _encoded(self, i: int) -> np.ndarray:
-        if self.dataset.infos[i].mode in _DIRECT_MODES:
-            return np.fromfile(self.dataset.paths[i], dtype=np.uint8)
+        if self.dataset.infos[i].mode in _DIRECT_MODES and self._direct.get(i) is not False:
+            data = np.fromfile(self.dataset.paths[i], dtype=np.uint8)
+            if i not in self._direct:  # the header of the bytes just read: no second file read
+                with Image.open(io.BytesIO(data)) as img:
+                    self._direct[i] = decodes_as_stored(img)
+            if self._direct[i]:
+                return data
         cached = self._reencoded.get(i)
         if cached is not None:
             return cached

@@ -1,9 +1,10 @@
 """Datasets of image files: a folder of class sub-folders (FUNIT animal faces) and CelebA identities.
 
 Both share `_FileDataset`: a list of (path, label), a cheap check of every file at construction
-(header and end marker; bad files are skipped with one warning), and `get` that decodes and applies
-FUNIT's transform. The GPU loaders use `infos` (size and mode per file, from that check) and
-`stored` (the resized image before flip and crop).
+(header and end marker; bad files are skipped with one warning; a PIL mode that cannot be
+converted, `transforms.image_problem`, is an error), and `get` that decodes (`transforms.load_rgb`:
+every mode by its real range) and applies FUNIT's transform. The GPU loaders use `infos` (size and
+mode per file, from that check) and `stored` (the resized image before flip and crop).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 import numpy as np
 from PIL import Image
 
-from .transforms import (DataError, check_sizes, funit_transform, image_info, is_image_file, load_rgb,
-                         resized_size)
+from .transforms import (DataError, ImageInfo, check_sizes, funit_transform, image_info, image_problem,
+                         is_image_file, load_rgb, resized_size)
 
 log = logging.getLogger("g2g_fast")
 
@@ -26,6 +27,12 @@ _FEW = 3  # how many file names an error or warning lists before "..."
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:_FEW]) + (f", ... ({len(names)} in all)" if len(names) > _FEW else "")
+
+
+def _inspect(path: str) -> tuple[ImageInfo | None, str | None]:
+    """(`image_info`, `image_problem`) of one file: the up-front check."""
+    info = image_info(path)
+    return info, None if info is None else image_problem(path, info.mode)
 
 
 def _require_dir(root: str) -> None:
@@ -48,13 +55,18 @@ class _FileDataset:
         self.resize_to = check_sizes(image_size, resize_to)
         # Threads, because verify() is mostly file I/O; map keeps the order.
         with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-            infos = list(pool.map(image_info, paths))
+            infos, problems = zip(*pool.map(_inspect, paths)) if paths else ((), ())
         ok = [info is not None for info in infos]
         self.skipped: list[str] = [p for p, good in zip(paths, ok) if not good]
         if self.skipped:
             log.warning("%s: skipped %d unreadable image file(s) (remove or replace them): %s", where,
                         len(self.skipped), _few(self.skipped))
         kept = [(p, y) for p, y, good in zip(paths, labels, ok) if good]
+        # A mode that cannot be converted is an error rather than a skip: the file is fine, and
+        # re-saving it (the fix the message names) keeps it in the data.
+        refused = [f"{p} ({w})" for p, w in zip(paths, problems) if w]
+        if refused:
+            raise DataError(f"{where}: {len(refused)} image(s) cannot be converted to RGB: {_few(refused)}")
         if not kept:
             raise DataError(f"{where}: none of the {len(paths)} image files can be read; "
                             f"check that they are valid jpg/png/bmp/webp images")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from g2g_fast.ops import adain, reflect_pad, upsample_conv
 from g2g_fast.reference import funit as ref
+from g2g_fast.reference import funit_dis as ref_dis
 from g2g_fast.reference.ops import memory_format_of, pixel_rows
 
 from .impl import Switchable
@@ -253,11 +254,11 @@ class ClassEncoder(ref.ClassEncoder):
     block, pool = PlainConv2dBlock, GlobalAvgPool
 
 
-class ActFirstResBlock(ref.ActFirstResBlock):
+class ActFirstResBlock(ref_dis.ActFirstResBlock):
     block = PlainConv2dBlock
 
 
-class Discriminator(Switchable, ref.Discriminator):
+class Discriminator(Switchable, ref_dis.Discriminator):
     """FUNIT's discriminator with every reflect pad by `kernels.reflect_pad` (same keys and
     initialisation as the reference). `impl` as the Generator's."""
     block, res_block, pad, avg_pool = PlainConv2dBlock, ActFirstResBlock, ReflectPad2d, AvgPool2d

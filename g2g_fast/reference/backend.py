@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from .funit import Discriminator, Generator
+from .funit import Generator
+from .funit_dis import Discriminator
 from .naive import NaiveModel
 from .patchgan import PatchDiscriminator
 
