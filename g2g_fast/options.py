@@ -65,7 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "gpu": {"trainer": {}, "common": {}, "funit2funit": {}, "cyclefunit": {}, "naive": {}},
     # "demo" (`--preset demo`, issues 15 and 23): small images, widths and schedule for a run that shows
-    # the class swap within about 10 minutes on 2 CPU cores, with learning curves (--eval-every). The cpu
+    # the class swap within minutes on 2 CPU cores (4 min 20 s idle, 2026-12-04; ~9-10 min on one
+    # thread beside another run), with learning curves (--eval-every). The cpu
     # preset's widths at 32x32 (1400 steps + 8 evaluations), and for FUNIT2FUNIT what the searches
     # measured best (docs/demo_search.md, docs/evaluation.md, 3 seeds): an 8x8 content code (n_downs_content
     # 2, not FUNIT's 3, which leaves 4x4 at 32 px) narrowed to 4 channels, K-shot class codes in training
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--approach", choices=sorted(CONFIGS), help="which G2G approach (default: funit2funit)")
     a("--preset", choices=sorted(PRESETS), help="the embedded defaults that flags, --config and --set "
       "override: cpu (small, minutes on a CPU), gpu (the paper's configuration), demo (32x32 with "
-      "--eval-every curves, sized for about 10 minutes on 2 CPU cores, K-shot class codes; docs/evaluation.md), "
+      "--eval-every curves, about 4-5 minutes on 2 idle CPU cores, K-shot class codes; docs/evaluation.md), "
       "demo-paper (the demo with the paper's single-image class codes) (default: "
       "gpu with a CUDA GPU, else cpu; with --resume the checkpoint's settings replace the preset)")
     a("--data", help=f"'synthetic' or a dataset folder (default: {d.data})")

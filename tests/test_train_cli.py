@@ -238,7 +238,7 @@ def test_tensorboard_gets_scalars_and_samples(tmp_path, monkeypatch):
 def test_fast_backend_trains_through_the_cli(tmp_path):
     """--backend fast on the CPU: fused kernels through the Triton interpreter, channels_last,
     fused/foreach optimisers; the run records what ran."""
-    assert main(tiny_args("funit2funit", tmp_path, 2, "--backend", "fast")) == 0
+    assert main(tiny_args("funit2funit", tmp_path, 1, "--backend", "fast")) == 0  # 1 step: the interpreter is slow
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["backend"] == "fast" and lines[-1]["kernels"] == "adain:triton"
     assert lines[-1]["memory_format"] == "channels_last"
