@@ -15,7 +15,7 @@ from g2g_fast import ablate_report as R
 from g2g_fast import evaluate as E
 from g2g_fast import fidelity as FID
 from g2g_fast.metrics import ImageSet, format_table
-from test_evaluate import Identity  # every mix is its content image: never of the target class
+from test_evaluate import ClassImage, Identity  # mixes = the class image / the content image
 
 try:
     import torch_fidelity  # noqa: F401
@@ -149,17 +149,6 @@ def test_torch_fidelity_inception_through_the_same_path(tmp_path, monkeypatch):
 def held():
     return E.prepare_data("synthetic", image_size=32, synthetic_classes=4, synthetic_per_class=16, samples=16,
                           probe_train=8)[1]
-
-
-class ClassImage:  # every mix is the image that gave the class code: a real image of the target class
-    def encode_content(self, x):
-        return x
-
-    def encode_class(self, x):
-        return x
-
-    def decode(self, content, class_code):
-        return class_code
 
 
 class Recorder:
