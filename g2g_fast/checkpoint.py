@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors and primitives:
   format      "g2g-fast/1"
   config      the approach config (`config_to_dict`), trainer options under "trainer"
   step        iterations done
-  gen, gen_test, dis, opt_g, opt_d, scaler_g, scaler_d   (`Approach.state_dict()`)
+  gen, gen_test, dis, opt_g, opt_d, scaler_g, scaler_d, adv, opt_adv   (`Approach.state_dict()`)
   rng         torch CPU (+ CUDA) generator states
   data        the loader position (batches consumed) and its seed
 FUNIT-based generators keep the official key layout, so `{'gen', 'gen_test'}` of a checkpoint is

@@ -52,9 +52,17 @@ class FunitArchConfig(BaseConfig):
                                  # *other* images of that class (FUNIT's test-time K-shot moved into training), used
                                  # for the mixes, the short reconstructions and D's fakes; 0 = the image's own code
                                  # (FUNIT, the paper). G2G's reassembly still encodes each mix alone (docs/training.md)
+    content_adv_w: float = 0.0   # > 0: an adversarial class classifier on the content code (reference/content_adversary.py):
+                                 # G's loss gets this x the cross-entropy of its prediction vs uniform (ln C at best)
+    content_adv_hidden: int = 0  # that classifier's hidden width: 0 = linear (the leakage probe's family)
+    content_adv_lr: float = 1e-3  # its Adam learning rate (betas 0.5, 0.999), updated after each G step
+    content_adv_memory: int = 512  # it learns from the content codes of the last this-many images and the step's
+                                   # (a step of 8 images shows it ~1 a class); 0 = the step's alone
     class_encoder: str = "funit"  # "funit": FUNIT's class encoder; "coco": the same encoder, its code conditioned on
                                   # the content code as COCO-FUNIT's content-conditioned style encoder (Saito et al.
                                   # 2020) with its constant style bias (CycleFUNIT also: "identity")
+    dec_norm: str = "in"         # the decoder's upsampling blocks: "in" (FUNIT's instance norm) | "none" (without
+                                 # it, a content map keeps its channels' levels: global colour, background; issue 23)
     style_bias_dim: int = 1024   # class_encoder="coco": size of the learned constant style bias (COCO-FUNIT: 1024)
     init_funit: str | None = None  # official FUNIT generator file for the initial G (D stays fresh)
     init_funit_key: str = "auto"  # which generator of that file: "auto" (as the original: G <- "gen", the EMA
@@ -66,6 +74,8 @@ class FunitArchConfig(BaseConfig):
         kwargs = {n: getattr(self, n) for n in names}
         if self.class_encoder == "coco":  # (absent otherwise: FUNIT's Generator signature)
             kwargs["coco_bias_dim"] = self.style_bias_dim
+        if self.dec_norm != "in":
+            kwargs["dec_norm"] = self.dec_norm
         return kwargs
 
     CLASS_ENCODERS: ClassVar[tuple[str, ...]] = ("funit", "coco")
@@ -79,6 +89,11 @@ class FunitArchConfig(BaseConfig):
             raise ValueError("class_encoder='coco' adds COCO-FUNIT's style bias and two MLPs that an official "
                              "FUNIT generator file does not have; use init_funit with class_encoder='funit', or "
                              "train from scratch")
+        if self.dec_norm not in ("in", "none"):
+            raise ValueError(f"dec_norm must be 'in' or 'none', got {self.dec_norm!r}")
+        if self.dec_norm != "in" and self.init_funit:
+            raise ValueError("dec_norm='none' removes the instance norm a pretrained FUNIT decoder was trained with; "
+                             "use init_funit with dec_norm='in', or train from scratch")
         if self.init_funit_key not in ("auto", "gen", "gen_test"):
             raise ValueError(f"init_funit_key must be 'auto', 'gen' or 'gen_test', got {self.init_funit_key!r}")
         if self.n_downs_class < 2:
@@ -170,11 +185,12 @@ class NaiveConfig(BaseConfig):
 _AT_LEAST_1 = ("image_size", "batch_size", "nf", "nf_mlp", "latent_dim", "dis_nf", "patch_nf", "code_dim",
                "gen_channels", "style_bias_dim")
 _NON_NEGATIVE = ("seed", "n_res_blks", "n_downs_content", "content_dim", "class_shots", "identity_warmup_steps",
+                 "content_adv_w", "content_adv_hidden", "content_adv_memory",
                  "weight_decay",
                  # loss weights: 0 switches a term off, a negative weight would reward the error
                  "gan_w", "r_w", "fm_rec_w", "fm_w", "rl_w", "fml_w", "fml_mix_rec_w", "r1_w", "alpha_long",
                  "alpha_short", "gamma_content", "gamma_class", "delta_gan", "delta_identity", "gamma")
-_POSITIVE = ("lr", "lr_gen", "lr_dis", "rms_eps")
+_POSITIVE = ("lr", "lr_gen", "lr_dis", "rms_eps", "content_adv_lr")
 _UNIT = ("rms_alpha", "beta1", "beta2")  # [0, 1): decay rates
 RANGES: dict[str, str] = {**dict.fromkeys(_AT_LEAST_1, ">= 1"), **dict.fromkeys(_NON_NEGATIVE, ">= 0"),
                           **dict.fromkeys(_POSITIVE, "> 0"), **dict.fromkeys(_UNIT, "in [0, 1)"),

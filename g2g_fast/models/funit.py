@@ -198,15 +198,16 @@ class Decoder(ref.Decoder):
     """The [bias | weight] slicing of the MLP output is the reference's; forward is too unless
     `subpixel` fuses each nn.Upsample into the conv block after it."""
 
-    def __init__(self, ups, n_res, dim, impl, subpixel=False, code_dim=0):
+    def __init__(self, ups, n_res, dim, impl, subpixel=False, code_dim=0, norm="in"):
         nn.Module.__init__(self)
-        self.subpixel = subpixel
+        self.subpixel, self.norm_kind = subpixel, norm
         if code_dim:  # as the reference: registered before `model`, so the same init order
             self.content_in = nn.Conv2d(code_dim, dim, 1)
         layers = [ResBlocks(n_res, dim, "adain", impl)]
         for _ in range(ups):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       Conv2dBlock(dim, dim // 2, 5, 1, 2, norm="in", act="relu", impl=impl)]
+                       Conv2dBlock(dim, dim // 2, 5, 1, 2, norm="in", act="relu", impl=impl) if norm == "in"
+                       else PlainConv2dBlock(dim, dim // 2, 5, 1, 2, act="relu", impl=impl)]
             dim //= 2
         layers.append(PlainConv2dBlock(dim, 3, 7, 1, 3, act="tanh", impl=impl))  # no norm: nothing to fuse
         self.model = nn.Sequential(*layers)
@@ -217,8 +218,8 @@ class Decoder(ref.Decoder):
         x = self.model[0](self.expand(content), self.split_adain_params(adain_params))
         upsample = False
         for layer in self.model[1:]:
-            if isinstance(layer, nn.Upsample):
-                upsample = True  # done by the next block
+            if isinstance(layer, nn.Upsample) and self.norm_kind == "in":
+                upsample = True  # done by the next block (a block without norm keeps its Upsample)
                 continue
             x = layer(x, upsample=True) if upsample else layer(x)
             upsample = False
@@ -236,12 +237,13 @@ class Generator(Switchable, ref.Generator):
 
     def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
                  n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None,
-                 coco_bias_dim=0, impl: str = "auto", subpixel: bool = False):
+                 coco_bias_dim=0, dec_norm="in", impl: str = "auto", subpixel: bool = False):
         nn.Module.__init__(self)
         # Same construction and init order as the reference, so a seed gives the same weights.
         self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
         self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, impl, content_dim)
-        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, impl, subpixel, content_dim)
+        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, impl, subpixel, content_dim,
+                           dec_norm)
         self.mlp = ref.MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
         for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
             ref.init_kaiming(part)

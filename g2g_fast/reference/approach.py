@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import BaseConfig
 from .backend import ReferenceBackend
+from .content_adversary import ContentAdversary, accuracy, adversary_loss, confusion_loss, pooled_size
 from .g2g import G2GOutputs, disassemble, g2g_forward, make_pairs, shot_class_codes
 from .weights import load_checked
 
@@ -82,6 +83,7 @@ class Approach:
                 load_checked(self.gen_ema, self.ema_init, f"--init-funit {cfg.init_funit} [gen_test]", "FUNIT generator")
         self.ema_init = None
         self.opt_g, self.opt_d = self.build_optimizers()
+        self.adv, self.opt_adv = self.build_content_adversary()
         # fp16 needs loss scaling (bf16 has fp32's range and does not).
         fp16 = precision == "fp16"
         self.scaler_g = torch.amp.GradScaler(self.device.type) if fp16 else None
@@ -99,6 +101,30 @@ class Approach:
 
     def g_loss(self, o: G2GOutputs, y1, y2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def build_content_adversary(self):
+        """(adversary, its Adam) with `content_adv_w` > 0 (FUNIT's encoders), else (None, None).
+        Built after G, D and their optimisers, so that a run without it draws the same weights."""
+        cfg = self.cfg
+        if getattr(cfg, "content_adv_w", 0.0) <= 0:
+            return None, None
+        channels = cfg.content_dim or cfg.nf * 2 ** cfg.n_downs_content
+        adv = ContentAdversary(channels, pooled_size(cfg.image_size, cfg.n_downs_content), self.num_classes,
+                               cfg.content_adv_hidden, cfg.content_adv_memory).to(self.device)
+        return adv, torch.optim.Adam(adv.parameters(), lr=cfg.content_adv_lr, betas=(0.5, 0.999))
+
+    def content_adversary_step(self, o: G2GOutputs, y1, y2, loss, terms):
+        """G's confusion term (added to `loss`, A frozen by the caller) -> (loss, codes, labels)."""
+        codes, labels = torch.cat([o.a1, o.a2]), torch.cat([y1, y2])
+        terms["g_content_adv"] = confusion_loss(self.adv(codes))
+        return loss + self.cfg.content_adv_w * terms["g_content_adv"], codes.detach(), labels
+
+    def update_content_adversary(self, codes, labels) -> dict[str, torch.Tensor]:
+        """A's own step on the G step's (detached) content codes: learn to tell their class."""
+        logits, labels = self.adv.training_logits(codes, labels)
+        loss = adversary_loss(logits, labels)
+        self._update(loss, self.opt_adv, None)
+        return {"adv_ce": loss.detach(), "adv_acc": accuracy(logits.detach(), labels)}
 
     # --- the phases ----------------------------------------------------------------------
     def autocast(self):
@@ -176,17 +202,23 @@ class Approach:
         x1, y1, x2, y2 = make_pairs(x, y, self.cfg.pairing)
         # D's weight gradients in the G step would be discarded by the next D step: not
         # computing them is exact and saves that work (SPEC §7).
-        if self.dis is not None:
-            self.dis.requires_grad_(False)
+        frozen = [net for net in (self.dis, self.adv) if net is not None]
+        for net in frozen:
+            net.requires_grad_(False)
         try:
             with self.autocast():
                 o = g2g_forward(self.gen, x1, x2, short=self.uses_short, class_codes=self.class_codes(y, shots))
                 loss, terms = self.g_loss(o, y1, y2)
+                if self.adv is not None:
+                    loss, codes, labels = self.content_adversary_step(o, y1, y2, loss, terms)
             self._update(loss, self.opt_g, self.scaler_g)
         finally:
-            if self.dis is not None:
-                self.dis.requires_grad_(True)
-        return {**{k: v.detach().float() for k, v in terms.items()}, "g_total": loss.detach().float()}
+            for net in frozen:
+                net.requires_grad_(True)
+        out = {**{k: v.detach().float() for k, v in terms.items()}, "g_total": loss.detach().float()}
+        if self.adv is not None:
+            out.update(self.update_content_adversary(codes, labels))
+        return out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, timer=None, shots: torch.Tensor | None = None
                    ) -> dict[str, torch.Tensor]:
@@ -221,7 +253,8 @@ class Approach:
     def _stateful(self) -> dict:
         """Name -> object with state_dict()/load_state_dict(), for what this approach has."""
         items = {"gen": self.gen, "gen_test": self.gen_ema, "dis": self.dis, "opt_g": self.opt_g,
-                 "opt_d": self.opt_d, "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
+                 "opt_d": self.opt_d, "scaler_g": self.scaler_g, "scaler_d": self.scaler_d,
+                 "adv": self.adv, "opt_adv": self.opt_adv}
         return {k: v for k, v in items.items() if v is not None}
 
     def state_dict(self) -> dict:

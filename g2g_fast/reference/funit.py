@@ -152,17 +152,21 @@ class ClassEncoder(nn.Module):
 class Decoder(nn.Module):
     """AdaIN ResBlocks, then `ups` x [nearest up x2, 5x5 conv, IN, ReLU], then 7x7 conv + tanh.
 
+    `norm` "none" (`dec_norm`, issue 23): the upsampling blocks without FUNIT's IN, which sets every
+    channel's spatial mean and spread to 0 and 1 and so removes whatever a map carries as a channel's
+    overall level or amplitude (a global colour, a background grey) from the content path.
+
     `code_dim` > 0 (the content code's channels, when they differ from `dim`): a linear 1x1 conv
     `content_in` takes the code back to `dim` channels before the AdaIN ResBlocks."""
 
-    def __init__(self, ups, n_res, dim, code_dim=0):
+    def __init__(self, ups, n_res, dim, code_dim=0, norm="in"):
         super().__init__()
         if code_dim:
             self.content_in = nn.Conv2d(code_dim, dim, 1)
         layers = [ResBlocks(n_res, dim, "adain")]
         for _ in range(ups):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       Conv2dBlock(dim, dim // 2, 5, 1, 2, norm="in", act="relu")]
+                       Conv2dBlock(dim, dim // 2, 5, 1, 2, norm=norm, act="relu")]
             dim //= 2
         layers.append(Conv2dBlock(dim, 3, 7, 1, 3, act="tanh"))
         self.model = nn.Sequential(*layers)
@@ -273,17 +277,18 @@ class Generator(nn.Module):
     `coco_bias_dim` > 0: COCO-FUNIT's content conditioning of the class code before the MLP
     (`coco`, a `ContentConditioning` with a style bias of that size; keys `coco.*` after FUNIT's,
     which keep their values for a seed); 0 = FUNIT.
+    `dec_norm` "none": the decoder's upsampling blocks without IN (see Decoder); same keys.
     """
 
     conditioning_class = ContentConditioning  # the fast model's subclass swaps in its own (same keys)
 
     def __init__(self, nf=64, n_res_blks=2, nf_mlp=256, latent_dim=64, n_mlp_blks=3,
                  n_downs_content=3, n_downs_class=4, content_dim=0, class_encoder: nn.Module | None = None,
-                 coco_bias_dim=0):
+                 coco_bias_dim=0, dec_norm="in"):
         super().__init__()
         self.enc_class_model = class_encoder or ClassEncoder(n_downs_class, nf, latent_dim)
         self.enc_content = ContentEncoder(n_downs_content, n_res_blks, nf, content_dim)
-        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, content_dim)
+        self.dec = Decoder(n_downs_content, n_res_blks, self.enc_content.output_dim, content_dim, dec_norm)
         self.mlp = MLP(self.enc_class_model.out_dim, self.dec.num_adain_params(), nf_mlp, n_mlp_blks)
         for part in (self.enc_content, self.dec, self.mlp) + (() if class_encoder else (self.enc_class_model,)):
             init_kaiming(part)
