@@ -70,15 +70,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # preset's widths at 32x32 (1400 steps + 8 evaluations), and for FUNIT2FUNIT what the searches
     # measured best (docs/demo_search.md, docs/evaluation.md, 3 seeds): an 8x8 content code (n_downs_content
     # 2, not FUNIT's 3, which leaves 4x4 at 32 px) narrowed to 4 channels, K-shot class codes in training
-    # (class_shots 4: the class code no longer carries the class image's background) and a short
-    # reconstruction weight of 10. "demo-paper" is the same run with the paper's single-image class codes
-    # and issue 15's r_w 3 (the demo before issue 23).
+    # (class_shots 4: the class code no longer carries the class image's background), a short
+    # reconstruction weight of 10 and a decoder without instance norm in its upsampling blocks (dec_norm
+    # none: content error 0.34 -> 0.29 over 3 seeds). "demo-paper" is the same run with the paper's
+    # single-image class codes, issue 15's r_w 3 and FUNIT's decoder (the demo before issue 23).
     "demo": {
         "trainer": dict(steps=1400, sample_every=200, ckpt_every=200, log_every=20, eval_every=200),
         "common": dict(image_size=32, batch_size=8),
         "funit2funit": dict(nf=8, nf_mlp=64, latent_dim=16, dis_nf=8, dis_n_res_blks=6,
                             ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4,
-                            n_downs_content=2, content_dim=4, class_shots=4, r_w=10.0),
+                            n_downs_content=2, content_dim=4, class_shots=4, r_w=10.0, dec_norm="none"),
         # CycleFUNIT gets FUNIT2FUNIT's content code, so that `ablate --approaches` compares the
         # approaches' wiring and losses, not two sizes of content code (docs/evaluation.md).
         "cyclefunit": dict(nf=8, nf_mlp=64, latent_dim=16, patch_nf=16, ema_beta=0.99,
@@ -88,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The paper's single-image class codes at the demo's scale: the demo preset of issue 15.
 PRESETS["demo-paper"] = {**PRESETS["demo"], "funit2funit": {**PRESETS["demo"]["funit2funit"], "class_shots": 0,
-                                                             "r_w": 3.0}}
+                                                             "r_w": 3.0, "dec_norm": "in"}}
 
 # CLI flag -> (where it goes, key). "cfg" keys belong to the approach config.
 FLAG_TARGETS = {

@@ -58,11 +58,12 @@ def test_a_short_demo_run_resumes_and_plots(tmp_path, monkeypatch, caplog):
 
 
 def test_demo_paper_is_the_demo_with_single_image_class_codes():
-    """issue 23: the demo adopts K-shot class codes; the paper's configuration at the demo's scale
-    stays reachable as --preset demo-paper (issue 15's demo)."""
+    """issue 23: the demo adopts K-shot class codes, r_w 10 and the decoder without IN in its
+    upsampling blocks; the paper's configuration at the demo's scale stays reachable as --preset
+    demo-paper (issue 15's demo)."""
     demo, _, _ = resolved("--preset", "demo")
     paper, opts, preset = resolved("--preset", "demo-paper")
     assert preset == "demo-paper" and (demo.class_shots, paper.class_shots) == (4, 0)
-    assert (demo.r_w, paper.r_w) == (10.0, 3.0)
+    assert (demo.r_w, paper.r_w) == (10.0, 3.0) and (demo.dec_norm, paper.dec_norm) == ("none", "in")
     differ = {k for k in vars(demo) if getattr(demo, k) != getattr(paper, k)}
-    assert differ == {"class_shots", "r_w"} and opts.steps == 1400
+    assert differ == {"class_shots", "r_w", "dec_norm"} and opts.steps == 1400
