@@ -108,8 +108,7 @@ class Approach:
         cfg = self.cfg
         if getattr(cfg, "content_adv_w", 0.0) <= 0:
             return None, None
-        channels = cfg.content_dim or cfg.nf * 2 ** cfg.n_downs_content
-        adv = ContentAdversary(channels, pooled_size(cfg.image_size, cfg.n_downs_content), self.num_classes,
+        adv = ContentAdversary(self.gen.enc_content.code_dim, pooled_size(cfg.image_size, cfg.n_downs_content), self.num_classes,
                                cfg.content_adv_hidden, cfg.content_adv_memory).to(self.device)
         return adv, torch.optim.Adam(adv.parameters(), lr=cfg.content_adv_lr, betas=(0.5, 0.999))
 
