@@ -9,7 +9,6 @@ import torch
 
 from g2g_fast.api import Translator
 from g2g_fast.backends import FastBackend, force_impl
-from g2g_fast.checkpoint import load_checkpoint
 from g2g_fast.config import config_from_dict
 from g2g_fast.data import BatchStream, CachedStream, DataError, FolderDataset, StepPlan, SyntheticDataset
 from g2g_fast.data.dali import dali_available
@@ -21,7 +20,7 @@ from g2g_fast.reference.steps import build_approach
 from g2g_fast.train import main
 from test_loaders import LEVEL, S, photos  # noqa: F401  (the fixture)
 from test_steps import TINY
-from test_train_cli import tiny_args
+from test_train_cli import straight_and_resumed, tiny_args
 
 K = 3
 
@@ -207,12 +206,8 @@ def test_bf16_k_shot_code_is_averaged_in_fp32():
 
 
 def test_trainer_with_shots_resumes_exactly_and_shows_them(tmp_path, capsys):
-    straight, split = tmp_path / "straight", tmp_path / "split"
     extra = ("--set", "class_shots=2", "--data", "synthetic")
-    assert main(tiny_args("funit2funit", straight, 4, *extra)) == 0
-    assert main(tiny_args("funit2funit", split, 2, *extra)) == 0
-    assert main(tiny_args("funit2funit", split, 4, "--resume")) == 0
-    a, b = (load_checkpoint(p / "checkpoints" / "last.pt") for p in (straight, split))
+    a, b = straight_and_resumed(tmp_path, 4, 2, *extra)
     assert a["config"]["class_shots"] == b["config"]["class_shots"] == 2
     for k in a["gen"]:
         assert torch.equal(a["gen"][k], b["gen"][k]), f"gen.{k} differs after resume"

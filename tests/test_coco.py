@@ -5,7 +5,6 @@ keeps FUNIT's generator exactly; the reference and the fast generator share keys
 and numbers; both approaches with a FUNIT generator train, resume and load with it, and the fast
 iteration keeps channels_last throughout (the layout audit)."""
 import copy
-import functools
 import json
 from types import SimpleNamespace
 
@@ -19,12 +18,11 @@ from g2g_fast.config import config_from_dict
 import g2g_fast.models.funit as fast_funit
 from g2g_fast.models import Generator
 from g2g_fast.reference import funit as ref_funit
-from g2g_fast.reference.ops import adain_ref
 from g2g_fast.reference.steps import build_approach
 from g2g_fast.train import main as train_main
 from g2g_fast.translate import load_generator
 from test_fast_parity import GRAD_TOL_EACH, GRAD_TOL_TOTAL, batch, grad_errors, pair, rel_err
-from test_models_fast import ARCH, CL, _excess, _run, _scales
+from test_models_fast import ARCH, CL, assert_three_way_parity
 from test_steps import TINY, assert_step_is_complete
 
 BIAS = 12  # a small style bias for the tiny models (COCO-FUNIT's is 1024, the default)
@@ -111,7 +109,7 @@ def test_the_formula_and_that_it_depends_on_the_content():
 
 @pytest.mark.parametrize("impl,channels_last", [("ref", False), ("ref", True), ("triton", True)],
                          ids=["ref-nchw", "ref-nhwc", "triton-nhwc"])
-def test_fp32_parity_outputs_and_every_gradient(impl, channels_last, monkeypatch):
+def test_fp32_parity_outputs_and_every_gradient(impl, channels_last):
     """test_models_fast's three-way rule against float64, odd image sizes, every parameter."""
     torch.manual_seed(0)
     ref = ref_funit.Generator(**ARCH, coco_bias_dim=BIAS)
@@ -120,15 +118,8 @@ def test_fp32_parity_outputs_and_every_gradient(impl, channels_last, monkeypatch
     if channels_last:
         ref, fast = ref.to(memory_format=CL), fast.to(memory_format=CL)
     xs, ys = _images(1, channels_last=channels_last), _images(2, channels_last=channels_last)
-    ref32, got = _run(ref, xs, ys, torch.float32), _run(fast, xs, ys, torch.float32)
-    monkeypatch.setattr(ref_funit, "adain_ref", functools.partial(adain_ref, upcast=False))
-    ref64 = _run(copy.deepcopy(ref).double(), xs, ys, torch.float64)
-    assert got.keys() == ref32.keys() and all(v is not None for v in got.values())
+    got = assert_three_way_parity(ref, fast, xs, ys)
     assert all(f"grad {k}" in got for k in COCO_KEYS) and got["content"].shape == (3, 64, 5, 3)
-    scale = _scales(ref64)
-    for k in got:
-        over, bound = _excess(got[k], ref32[k], ref64[k], scale[k])
-        assert over <= 0, f"{k}: |fast - f64| = {over + bound:.3g} over the bound {bound:.3g}"
     if channels_last:
         for k in ("content", "decode", "forward", "grad_x", "grad_y"):
             assert got[k].is_contiguous(memory_format=CL), f"{k} lost channels_last"

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from g2g_fast import audit
 from g2g_fast.backends import FastBackend, force_impl
-from g2g_fast.checkpoint import load_checkpoint
 from g2g_fast.config import config_from_dict
 from g2g_fast.probes import Standardizer, code_features
 from g2g_fast.reference.content_adversary import ContentAdversary, confusion_loss, pooled_size
@@ -21,7 +20,7 @@ from g2g_fast.reference.g2g import make_pairs
 from g2g_fast.reference.steps import build_approach
 from g2g_fast.train import main
 from test_steps import TINY, assert_step_is_complete, batch
-from test_train_cli import tiny_args
+from test_train_cli import straight_and_resumed, tiny_args
 
 ADV = {"content_adv_w": 1.0}
 
@@ -211,17 +210,13 @@ def test_state_round_trips_exactly_and_a_checkpoint_without_it_is_refused():
 
 
 def test_trainer_resumes_exactly_shows_it_and_names_bad_values(tmp_path, capsys):
-    straight, split = tmp_path / "straight", tmp_path / "split"
     extra = ("--set", "content_adv_w=0.5", "--set", "content_adv_hidden=8")
-    assert main(tiny_args("funit2funit", straight, 3, *extra)) == 0
-    assert main(tiny_args("funit2funit", split, 2, *extra)) == 0
-    assert main(tiny_args("funit2funit", split, 3, "--resume")) == 0
-    a, b = (load_checkpoint(p / "checkpoints" / "last.pt") for p in (straight, split))
+    a, b = straight_and_resumed(tmp_path, 3, 2, *extra)
     assert a["config"]["content_adv_w"] == 0.5 and a["config"]["content_adv_hidden"] == 8
     for part in ("gen", "adv"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert any("adv_acc" in r and "g_content_adv" in r for r in rows)
     capsys.readouterr()
     assert main(tiny_args("funit2funit", tmp_path / "dry", 1, *extra, "--dry-run")) == 0

@@ -3,8 +3,6 @@ so that a content map's per-channel level (a global colour, a background grey) r
 Same keys and initial weights as FUNIT's decoder; the fast generator computes the reference's
 numbers (forward and every gradient, both layouts, the sub-pixel decoder too, bf16); both
 approaches train, resume and load with it; a pretrained FUNIT file is refused with it."""
-import copy
-import functools
 import json
 from types import SimpleNamespace
 
@@ -15,11 +13,10 @@ from g2g_fast import audit
 from g2g_fast.config import config_from_dict
 from g2g_fast.models import Generator
 from g2g_fast.reference import funit as ref_funit
-from g2g_fast.reference.ops import adain_ref
 from g2g_fast.train import main as train_main
 from g2g_fast.translate import load_generator
 from test_coco import _images
-from test_models_fast import ARCH, CL, _excess, _run, _scales
+from test_models_fast import ARCH, CL, assert_three_way_parity
 from test_steps import TINY, assert_step_is_complete
 from g2g_fast.reference.steps import build_approach
 
@@ -46,7 +43,7 @@ def test_keys_init_and_what_it_changes():
 @pytest.mark.parametrize("impl,channels_last,subpixel", [("ref", False, False), ("ref", True, False),
                                                          ("triton", True, False), ("triton", True, True)],
                          ids=["ref-nchw", "ref-nhwc", "triton-nhwc", "triton-nhwc-subpixel"])
-def test_fp32_parity_outputs_and_every_gradient(impl, channels_last, subpixel, monkeypatch):
+def test_fp32_parity_outputs_and_every_gradient(impl, channels_last, subpixel):
     """test_models_fast's three-way rule against float64, odd image sizes, every parameter."""
     torch.manual_seed(0)
     ref = ref_funit.Generator(**NONE)
@@ -55,14 +52,7 @@ def test_fp32_parity_outputs_and_every_gradient(impl, channels_last, subpixel, m
     if channels_last:
         ref, fast = ref.to(memory_format=CL), fast.to(memory_format=CL)
     xs, ys = _images(1, channels_last=channels_last), _images(2, channels_last=channels_last)
-    ref32, got = _run(ref, xs, ys, torch.float32), _run(fast, xs, ys, torch.float32)
-    monkeypatch.setattr(ref_funit, "adain_ref", functools.partial(adain_ref, upcast=False))
-    ref64 = _run(copy.deepcopy(ref).double(), xs, ys, torch.float64)
-    assert got.keys() == ref32.keys() and all(v is not None for v in got.values())
-    scale = _scales(ref64)
-    for k in got:
-        over, bound = _excess(got[k], ref32[k], ref64[k], scale[k])
-        assert over <= 0, f"{k}: |fast - f64| = {over + bound:.3g} over the bound {bound:.3g}"
+    got = assert_three_way_parity(ref, fast, xs, ys)
     if channels_last:
         for k in ("content", "decode", "forward", "grad_x", "grad_y"):
             assert got[k].is_contiguous(memory_format=CL), f"{k} lost channels_last"

@@ -72,6 +72,23 @@ def _scales(ref64):
     return {k: layer[k.rsplit(".", 1)[0]] for k in ref64}
 
 
+def assert_three_way_parity(ref, fast, xs, ys):
+    """fast vs ref run in float32 and in float64 (`_excess` per tensor: outputs, input grads and
+    every parameter's grad) -> fast's tensors. Also used by test_coco and test_dec_norm."""
+    ref32, got = _run(ref, xs, ys, torch.float32), _run(fast, xs, ys, torch.float32)
+    with pytest.MonkeyPatch.context() as mp:  # a true float64 reference: no fp32 upcast in the norms
+        mp.setattr(ref_funit, "adain_ref", functools.partial(adain_ref, upcast=False))
+        ref64 = _run(copy.deepcopy(ref).double(), xs, ys, torch.float64)
+    assert got.keys() == ref32.keys() and all(v is not None for v in got.values())
+    scale = _scales(ref64)
+    excess = {k: _excess(got[k], ref32[k], ref64[k], scale[k]) for k in got}
+    worst = max(excess, key=lambda k: excess[k][0] / excess[k][1])
+    over, bound = excess[worst]
+    assert over <= 0, (f"{worst} (worst of {len(excess)}): |fast - f64| = {over + bound:.3g} over the bound "
+                       f"{bound:.3g} (2 x |ref32 - f64| + floor)")
+    return got
+
+
 def test_same_signature_tree_and_state_dict():
     ref_sig = inspect.signature(ref_funit.Generator.__init__).parameters
     fast_sig = inspect.signature(Generator.__init__).parameters
@@ -106,17 +123,7 @@ def test_same_signature_tree_and_state_dict():
 def test_fp32_parity_outputs_and_grads(impl, subpixel, channels_last):
     ref, fast = _pair(impl, channels_last, subpixel)
     xs, ys = _images(1, channels_last), _images(2, channels_last)
-    ref32, got = _run(ref, xs, ys, torch.float32), _run(fast, xs, ys, torch.float32)
-    with pytest.MonkeyPatch.context() as mp:  # a true float64 reference: no fp32 upcast in the norms
-        mp.setattr(ref_funit, "adain_ref", functools.partial(adain_ref, upcast=False))
-        ref64 = _run(copy.deepcopy(ref).double(), xs, ys, torch.float64)
-    assert got.keys() == ref32.keys() and all(v is not None for v in got.values())
-    scale = _scales(ref64)
-    excess = {k: _excess(got[k], ref32[k], ref64[k], scale[k]) for k in got}
-    worst = max(excess, key=lambda k: excess[k][0] / excess[k][1])
-    over, bound = excess[worst]
-    assert over <= 0, (f"{worst} (worst of {len(excess)}): |fast - f64| = {over + bound:.3g} over the bound "
-                       f"{bound:.3g} (2 x |ref32 - f64| + floor)")
+    got = assert_three_way_parity(ref, fast, xs, ys)
     if channels_last:
         for k in ("content", "decode", "forward"):
             assert got[k].is_contiguous(memory_format=CL), f"{k} lost channels_last"

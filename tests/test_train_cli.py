@@ -31,6 +31,16 @@ def tiny_args(approach, out, steps=3, *extra):
     return args + list(extra)
 
 
+def straight_and_resumed(tmp_path, steps, stop_at, *extra, approach="funit2funit"):
+    """One run trained straight to `steps`, one stopped at `stop_at` and resumed (`--resume` alone:
+    its settings come from the checkpoint) -> both last checkpoints, for an exact-resume test."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(tiny_args(approach, straight, steps, *extra)) == 0
+    assert main(tiny_args(approach, split, stop_at, *extra)) == 0
+    assert main(tiny_args(approach, split, steps, "--resume")) == 0
+    return tuple(load_checkpoint(p / "checkpoints" / "last.pt") for p in (straight, split))
+
+
 @pytest.mark.parametrize("approach", ["funit2funit", "cyclefunit", "naive"])
 def test_each_approach_trains_through_the_cli(approach, tmp_path):
     assert main(tiny_args(approach, tmp_path)) == 0
@@ -50,12 +60,7 @@ def test_each_approach_trains_through_the_cli(approach, tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(tiny_args("funit2funit", straight, 4)) == 0
-    assert main(tiny_args("funit2funit", split, 2)) == 0
-    assert main(tiny_args("funit2funit", split, 4, "--resume")) == 0
-    a = load_checkpoint(straight / "checkpoints" / "last.pt")
-    b = load_checkpoint(split / "checkpoints" / "last.pt")
+    a, b = straight_and_resumed(tmp_path, 4, 2)
     assert a["step"] == b["step"] == 4 and a["data"] == b["data"]
     for part in ("gen", "gen_test", "dis"):
         for k in a[part]:
