@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "gpu": {"trainer": {}, "common": {}, "funit2funit": {}, "cyclefunit": {}, "naive": {}},
     # "demo" (`--preset demo`, issues 15 and 23): small images, widths and schedule for a run that shows
-    # the class swap within minutes on 2 CPU cores (4 min 20 s idle, 2026-12-04; ~9-10 min on one
+    # the class swap within minutes on 2 CPU cores (4 min 20 s idle, 2026-12-04; 5-7 min on one
     # thread beside another run), with learning curves (--eval-every). The cpu
     # preset's widths at 32x32 (1400 steps + 8 evaluations), and for FUNIT2FUNIT what the searches
     # measured best (docs/demo_search.md, docs/evaluation.md, 3 seeds): an 8x8 content code (n_downs_content
