@@ -65,17 +65,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "gpu": {"trainer": {}, "common": {}, "funit2funit": {}, "cyclefunit": {}, "naive": {}},
     # "demo" (`--preset demo`, issues 15 and 23): small images, widths and schedule for a run that shows
-    # the class swap within minutes on 2 CPU cores (4 min 20 s idle, 2026-12-04; 5-7 min on one
-    # thread beside another run), with learning curves (--eval-every). The cpu
-    # preset's widths at 32x32 (1400 steps + 8 evaluations), and for FUNIT2FUNIT what the searches
-    # measured best (docs/demo_search.md, docs/evaluation.md, 3 seeds): an 8x8 content code (n_downs_content
-    # 2, not FUNIT's 3, which leaves 4x4 at 32 px) narrowed to 4 channels, K-shot class codes in training
-    # (class_shots 4: the class code no longer carries the class image's background), a short
-    # reconstruction weight of 10 and a decoder without instance norm in its upsampling blocks (dec_norm
-    # none: content error 0.34 -> 0.29 over 3 seeds). "demo-paper" is the same run with the paper's
-    # single-image class codes, issue 15's r_w 3 and FUNIT's decoder (the demo before issue 23).
+    # the class swap within minutes on 2 CPU cores (2400 steps: 7 min 49 s idle, 2026-12-05; 11 min
+    # on one thread beside another run), with learning curves (--eval-every). The cpu preset's
+    # widths at 32x32 (2400 steps + 12 evaluations: issue 23's 3 seeds measured swap 0.90 -> 0.94 and
+    # content error 0.29 -> 0.27 from 1400 steps, docs/evaluation.md), and for FUNIT2FUNIT what the
+    # searches measured best (docs/demo_search.md, docs/evaluation.md, 3 seeds): an 8x8 content code
+    # (n_downs_content 2, not FUNIT's 3, which leaves 4x4 at 32 px) narrowed to 4 channels, K-shot
+    # class codes in training (class_shots 4: the class code no longer carries the class image's
+    # background), a short reconstruction weight of 10 and a decoder without instance norm in its
+    # upsampling blocks (dec_norm none: content error 0.34 -> 0.29 over 3 seeds). "demo-paper" is the
+    # same run with the paper's single-image class codes, issue 15's r_w 3 and FUNIT's decoder (the
+    # demo before issue 23; issue 15 measured it at 1400 steps).
     "demo": {
-        "trainer": dict(steps=1400, sample_every=200, ckpt_every=200, log_every=20, eval_every=200),
+        "trainer": dict(steps=2400, sample_every=200, ckpt_every=200, log_every=20, eval_every=200),
         "common": dict(image_size=32, batch_size=8),
         "funit2funit": dict(nf=8, nf_mlp=64, latent_dim=16, dis_nf=8, dis_n_res_blks=6,
                             ema_beta=0.99, lr_gen=4e-4, lr_dis=4e-4,
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--approach", choices=sorted(CONFIGS), help="which G2G approach (default: funit2funit)")
     a("--preset", choices=sorted(PRESETS), help="the embedded defaults that flags, --config and --set "
       "override: cpu (small, minutes on a CPU), gpu (the paper's configuration), demo (32x32 with "
-      "--eval-every curves, about 4-5 minutes on 2 idle CPU cores, K-shot class codes; docs/evaluation.md), "
+      "--eval-every curves, about 8 minutes on 2 idle CPU cores, K-shot class codes; docs/evaluation.md), "
       "demo-paper (the demo with the paper's single-image class codes) (default: "
       "gpu with a CUDA GPU, else cpu; with --resume the checkpoint's settings replace the preset)")
     a("--data", help=f"'synthetic' or a dataset folder (default: {d.data})")

@@ -66,4 +66,4 @@ def test_demo_paper_is_the_demo_with_single_image_class_codes():
     assert preset == "demo-paper" and (demo.class_shots, paper.class_shots) == (4, 0)
     assert (demo.r_w, paper.r_w) == (10.0, 3.0) and (demo.dec_norm, paper.dec_norm) == ("none", "in")
     differ = {k for k in vars(demo) if getattr(demo, k) != getattr(paper, k)}
-    assert differ == {"class_shots", "r_w", "dec_norm"} and opts.steps == 1400
+    assert differ == {"class_shots", "r_w", "dec_norm"} and opts.steps == 2400
