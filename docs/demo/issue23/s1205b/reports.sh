@@ -17,5 +17,6 @@ done
 A="python -m g2g_fast.ablate --steps 2400 --seeds 3"
 $A --sweep dec_norm=none --sweep class_shots=0+r_w=3+dec_norm=in --out rep/scheme -- --preset demo > logs/rep_scheme.log 2>&1 &
 $A --sweep dec_norm=none --out rep/shape -- --preset demo --synthetic-family shape > logs/rep_shape.log 2>&1 &
-wait  # (run as two steps: the shape report while the paper's runs still trained)
+wait  # (run as two steps: the shape report while the paper's runs still trained; the scheme report,
+      # on the then idle machine, with OMP_NUM_THREADS=2)
 # the tables: python /work/main/docs/demo/issue23/s1205/summarize.py rep/scheme rep/shape
